@@ -1,0 +1,79 @@
+"""fiber-det's config keys, added to Detectron2's yacs config by :func:`add_fiber_config`.
+
+Defaults reproduce the official FIBER-B fine-grained model (spec §0, §1.2, Appendix D). Every key
+below is read somewhere; Detectron2 keys that FIBER reuses are set in configs/Base-FIBER-SwinB.yaml
+(MODEL.PIXEL_MEAN/STD, INPUT.*, MODEL.ANCHOR_GENERATOR.*, MODEL.FPN.OUT_CHANNELS,
+MODEL.BACKBONE.FREEZE_AT, TEST.DETECTIONS_PER_IMAGE).
+"""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_fiber_config"]
+
+
+def add_fiber_config(cfg: CN) -> CN:
+    """Add the ``MODEL.FIBER`` node (in place) and return ``cfg``."""
+    f = cfg.MODEL.FIBER = CN()
+
+    # ---- image tower: Swin (presets in fiber_det.modeling.backbone.swin.SWIN_PRESETS) ----
+    f.SWIN = CN()
+    f.SWIN.EMBED_DIM = 128  # channels of stage 0; stage i has EMBED_DIM * 2**i
+    f.SWIN.DEPTHS = [2, 2, 18, 2]  # blocks per stage
+    f.SWIN.NUM_HEADS = [4, 8, 16, 32]  # attention heads per stage
+    f.SWIN.WINDOW_SIZE = 12  # attention window (tokens per side)
+    f.SWIN.MLP_RATIO = 4.0  # MLP hidden width / block width
+    f.SWIN.PATCH_SIZE = 4  # patch embedding stride
+    f.SWIN.DROP_PATH_RATE = 0.4  # drop-path rate of the last block (linear from 0)
+    f.SWIN.USE_CHECKPOINT = False  # activation checkpointing of every Swin block in training
+    f.SWIN.WEIGHTS = ""  # official Swin ImageNet checkpoint to initialise from ("" = none)
+
+    # ---- text tower: BERT/RoBERTa architecture (a HF config.json maps 1:1 onto these) ----
+    f.TEXT = CN()
+    f.TEXT.ARCH = "roberta"  # "roberta" (positions from pad id + 1) or "bert" (0..T-1)
+    f.TEXT.VOCAB_SIZE = 50265
+    f.TEXT.HIDDEN_SIZE = 768
+    f.TEXT.NUM_LAYERS = 12
+    f.TEXT.NUM_HEADS = 12
+    f.TEXT.INTERMEDIATE_SIZE = 3072  # FFN width
+    f.TEXT.MAX_POSITIONS = 514  # rows of the position embedding
+    f.TEXT.TYPE_VOCAB_SIZE = 1  # rows of the token-type embedding (only type 0 is used)
+    f.TEXT.LAYER_NORM_EPS = 1e-5
+    f.TEXT.PAD_TOKEN_ID = 1
+    f.TEXT.DROPOUT = 0.1  # hidden dropout (embeddings, attention outputs, FFN output)
+    f.TEXT.ATTENTION_DROPOUT = 0.1  # dropout on attention probabilities
+    f.TEXT.USE_CHECKPOINT = False  # activation checkpointing of every text layer in training
+    f.TEXT.WEIGHTS = ""  # local HF BERT/RoBERTa folder to initialise the text tower ("" = none)
+    f.TEXT.TOKENIZER = ""  # local folder of the (fast) tokenizer; required to run the model
+    f.TEXT.MAX_QUERY_LEN = 256  # captions are truncated to this many tokens (incl. specials)
+    f.TEXT.PAD_TO_MAX = True  # pad every caption to MAX_QUERY_LEN (official); False: to the
+    # longest caption of the batch (faster; equal up to float round-off)
+
+    # ---- fusion ----
+    f.FUSION = CN()
+    f.FUSION.NUM_LAYERS = 6  # the last N Swin blocks pair with the last N text layers; 0 = no fusion
+    f.FUSION.I2T_QUERY_NORM = False  # FIBER v3: LayerNorm on the image->text query (v2: False)
+
+    # ---- FPN (channels: MODEL.FPN.OUT_CHANNELS) ----
+    f.FPN = CN()
+    f.FPN.DROP_BLOCK_PROB = 0.3  # DropBlock on the merged P3/P4 laterals in training (0 = off)
+    f.FPN.DROP_BLOCK_SIZE = 3
+
+    # ---- DyHead tower and region-word head ----
+    f.HEAD = CN()
+    f.HEAD.CHANNELS = 256  # tower width
+    f.HEAD.NUM_CONVS = 6  # DyHead blocks
+    f.HEAD.GN_GROUPS = 16  # GroupNorm groups after each deformable conv (not Detectron2's 32)
+    f.HEAD.PRIOR_PROB = 0.01  # initial token probability (sets bias0)
+    f.HEAD.LOG_SCALE = 0.0  # initial log temperature of the region-word logits
+
+    # ---- ATSS assignment, losses and inference ----
+    f.ATSS = CN()
+    f.ATSS.TOPK = 9  # candidate anchors per level and GT box (by centre distance)
+    f.ATSS.REG_LOSS_WEIGHT = 2.0  # GIoU loss weight
+    f.ATSS.TOKEN_ALPHA = 0.25  # focal loss alpha of the region-word loss
+    f.ATSS.TOKEN_GAMMA = 2.0  # focal loss gamma
+    f.ATSS.TOKEN_LOSS_WEIGHT = 1.0
+    f.ATSS.INFERENCE_TH = 0.05  # phrase-score threshold before centerness (strict >)
+    f.ATSS.PRE_NMS_TOP_N = 1000  # candidates kept per level and image
+    f.ATSS.NMS_TH = 0.6  # class-aware NMS IoU ("+1" widths); detections per image:
+    # TEST.DETECTIONS_PER_IMAGE
+    return cfg
