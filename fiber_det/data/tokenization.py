@@ -1,0 +1,379 @@
+"""Tokenizer loading from local folders and character spans -> token positive maps.
+
+FIBER tokenises every caption with a fast RoBERTa BPE tokenizer padded to 256 tokens (spec §3.4)
+and links phrases to tokens through character spans resolved with ``char_to_token`` and the
+official off-by-one fallbacks (spec §7.3). The functions here reproduce both, plus the conversions
+between the dense positive map (rows = boxes or phrases, 256 columns = tokens) and the
+``{label: [token indices]}`` dictionaries used at inference (spec §6).
+
+Only *fast* tokenizers are accepted wherever character offsets are needed: Python ("slow")
+tokenizers cannot map characters to tokens.
+"""
+import json
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from transformers import AutoTokenizer, BatchEncoding, BertTokenizerFast, RobertaTokenizerFast
+
+__all__ = [
+    "POSITIVE_MAP_EPS",
+    "build_tokenizer",
+    "check_fast_tokenizer",
+    "tokenize_captions",
+    "check_span",
+    "char_span_to_token_range",
+    "create_positive_map",
+    "positive_map_from_caption",
+    "positive_map_to_label_tokens",
+    "label_tokens_to_positive_map",
+]
+
+# The official dataset map divides each row by (row sum + 1e-6); keeping the epsilon makes our
+# normalised rows bit-identical to the reference ones (e.g. 1 / (5 + 1e-6) instead of 0.2).
+POSITIVE_MAP_EPS = 1e-6
+
+_LOOKED_FOR = (
+    "'tokenizer.json', or 'vocab.json' + 'merges.txt' (RoBERTa BPE), "
+    "or 'vocab.txt' (BERT WordPiece)"
+)
+
+Span = Tuple[int, int]
+
+
+def check_fast_tokenizer(tokenizer, source: Optional[str] = None) -> None:
+    """Raises ValueError unless ``tokenizer`` is a fast (Rust ``tokenizers``) tokenizer.
+
+    Args:
+        tokenizer: a transformers tokenizer instance.
+        source: where it came from (a folder), added to the message when given.
+
+    Raises:
+        ValueError: the tokenizer has no character-offset support (``char_to_token``).
+    """
+    if getattr(tokenizer, "is_fast", False):
+        return
+    origin = f" loaded from '{source}'" if source is not None else ""
+    raise ValueError(
+        f"tokenizer {type(tokenizer).__name__}{origin} is not a fast tokenizer: positive maps need "
+        "character offsets (char_to_token), which only fast (tokenizers-backed) tokenizers provide"
+    )
+
+
+def _read_do_lower_case(folder: Path) -> bool:
+    config_file = folder / "tokenizer_config.json"
+    if not config_file.is_file():
+        return True  # BERT-uncased convention, and the BertTokenizerFast default
+    with open(config_file, encoding="utf-8") as f:
+        config = json.load(f)
+    return bool(config.get("do_lower_case", True))
+
+
+def build_tokenizer(path: Union[str, Path]):
+    """Loads a fast HF tokenizer from a local folder (never from the hub).
+
+    The folder kind is recognised by its files, in this order: ``tokenizer.json`` (any fast
+    tokenizer, via ``AutoTokenizer``); ``vocab.json`` + ``merges.txt`` (RoBERTa byte-level BPE,
+    ``RobertaTokenizerFast``); ``vocab.txt`` (BERT WordPiece, ``BertTokenizerFast``, honouring
+    ``do_lower_case`` from ``tokenizer_config.json``, default True).
+
+    Args:
+        path: a local folder.
+
+    Returns:
+        A fast ``PreTrainedTokenizerBase``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is not a folder, holds none of the files above, cannot be loaded, or
+            yields a tokenizer that is not fast.
+    """
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"tokenizer folder '{folder}' does not exist")
+    if not folder.is_dir():
+        raise ValueError(f"tokenizer path '{folder}' is not a folder; expected {_LOOKED_FOR}")
+
+    # local_files_only: a folder name that happens to look like a hub id must never hit the network.
+    if (folder / "tokenizer.json").is_file():
+        loader, kwargs = AutoTokenizer.from_pretrained, {}
+    elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        loader, kwargs = RobertaTokenizerFast.from_pretrained, {}
+    elif (folder / "vocab.txt").is_file():
+        loader = BertTokenizerFast.from_pretrained
+        kwargs = {"do_lower_case": _read_do_lower_case(folder)}
+    else:
+        present = sorted(p.name for p in folder.iterdir())
+        raise ValueError(
+            f"no tokenizer files in '{folder}': looked for {_LOOKED_FOR}; found {present}"
+        )
+
+    try:
+        tokenizer = loader(str(folder), local_files_only=True, **kwargs)
+    except Exception as e:  # re-raised with the folder named; the original stays chained
+        raise ValueError(f"could not load a tokenizer from '{folder}': {e}") from e
+    check_fast_tokenizer(tokenizer, source=str(folder))
+    return tokenizer
+
+
+def tokenize_captions(
+    tokenizer, captions: Sequence[str], max_length: int = 256, pad_to_max_length: bool = True
+) -> Dict[str, torch.Tensor]:
+    """Tokenises a batch of captions the way the FIBER language backbone expects.
+
+    With ``pad_to_max_length`` this is the official call (``padding="max_length",
+    truncation=True``): every row is exactly ``max_length`` long. Otherwise rows are padded to the
+    longest caption, still truncated at ``max_length``.
+
+    Args:
+        tokenizer: a HF tokenizer (fast or not; no offsets are needed here).
+        captions: list of B non-empty captions.
+        max_length: truncation length (and padded length with ``pad_to_max_length``).
+        pad_to_max_length: pad to ``max_length`` instead of to the longest caption.
+
+    Returns:
+        dict with ``input_ids`` and ``attention_mask``, int64 tensors of shape [B, T].
+
+    Raises:
+        TypeError: ``captions`` is a single string instead of a list.
+        ValueError: the list is empty, a caption is empty or whitespace only, or max_length < 1.
+    """
+    if isinstance(captions, str):
+        raise TypeError("captions must be a list of strings; wrap a single caption as [caption]")
+    captions = list(captions)
+    if not captions:
+        raise ValueError("captions is empty: nothing to tokenize")
+    for i, caption in enumerate(captions):
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError(f"caption {i} is empty or not a string: {caption!r}")
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    encoded = tokenizer(
+        captions,
+        max_length=max_length,
+        padding="max_length" if pad_to_max_length else "longest",
+        truncation=True,
+        return_tensors="pt",
+    )
+    return {
+        "input_ids": encoded["input_ids"].to(torch.int64),
+        "attention_mask": encoded["attention_mask"].to(torch.int64),
+    }
+
+
+def _char_to_token(tokenized: BatchEncoding, char_index: int) -> Optional[int]:
+    # The official fallbacks treat a failing lookup as "no token"; a negative index (end - 3 on a
+    # short span) would otherwise raise OverflowError in the Rust binding.
+    if char_index < 0:
+        return None
+    try:
+        return tokenized.char_to_token(char_index)
+    except Exception:  # noqa: BLE001 - any lookup failure means "unresolved", as upstream
+        return None
+
+
+def _first_resolved(tokenized: BatchEncoding, char_indices: Sequence[int]) -> Optional[int]:
+    for char_index in char_indices:
+        token = _char_to_token(tokenized, char_index)
+        if token is not None:
+            return token
+    return None
+
+
+def char_span_to_token_range(
+    tokenized: BatchEncoding, start: int, end: int
+) -> Optional[Tuple[int, int]]:
+    """Resolves a character span to an inclusive token range with the official fallbacks.
+
+    beg = token of char ``start``, else ``start + 1``, else ``start + 2``; last = token of char
+    ``end - 1``, else ``end - 2``, else ``end - 3``. The fallbacks exist because whitespace maps
+    to no token (a span starting or ending on a space still resolves to its neighbouring word).
+
+    Args:
+        tokenized: the fast-tokenizer encoding of ONE caption.
+        start: first character of the span.
+        end: one past its last character.
+
+    Returns:
+        ``(beg, last)`` token indices, or None when either end stays unresolved or the fallbacks
+        crossed (``beg > last``, e.g. a whitespace-only span), in which case upstream marks nothing.
+    """
+    beg = _first_resolved(tokenized, (start, start + 1, start + 2))
+    last = _first_resolved(tokenized, (end - 1, end - 2, end - 3))
+    if beg is None or last is None or beg > last:
+        return None
+    return beg, last
+
+
+def _check_encoding(tokenized) -> None:
+    if not isinstance(tokenized, BatchEncoding):
+        if getattr(tokenized, "is_fast", None) is False:
+            # A slow tokenizer passed in: say so, that is the real problem.
+            check_fast_tokenizer(tokenized)
+        raise TypeError(
+            "expected the BatchEncoding of one caption (tokenizer(caption)), "
+            f"got {type(tokenized).__name__}"
+        )
+    if not tokenized.is_fast:
+        raise ValueError(
+            "the encoding comes from a slow (Python) tokenizer, which is not fast and has no "
+            "char_to_token; use a fast tokenizer (see build_tokenizer)"
+        )
+    if len(tokenized.encodings) != 1:
+        raise ValueError(
+            f"expected the encoding of ONE caption, got a batch of {len(tokenized.encodings)}"
+        )
+
+
+def check_span(span: Sequence[int], caption: Optional[str] = None) -> Span:
+    """Validates one ``[start, end)`` character span and returns it as a tuple of ints.
+
+    Args:
+        span: a ``[start, end)`` pair.
+        caption: the caption it indexes; without it ``end`` cannot be bounded.
+
+    Raises:
+        ValueError: not a pair, empty, or outside the caption; the message names span and caption.
+    """
+    if len(span) != 2:
+        raise ValueError(f"span {span!r} is not a [start, end) pair (caption: {caption!r})")
+    start, end = int(span[0]), int(span[1])
+    too_long = caption is not None and end > len(caption)
+    if start < 0 or start >= end or too_long:
+        length = "?" if caption is None else len(caption)
+        raise ValueError(
+            f"span [{start}, {end}) is outside the caption or empty "
+            f"(need 0 <= start < end <= {length}); caption: {caption!r}"
+        )
+    return start, end
+
+
+def create_positive_map(
+    tokenized: BatchEncoding,
+    spans_per_row: Sequence[Sequence[Sequence[int]]],
+    max_length: int = 256,
+    normalize: bool = True,
+    return_unresolved: bool = False,
+    caption: Optional[str] = None,
+):
+    """Builds the [n_rows, max_length] token map of character spans (official create_positive_map).
+
+    Row i marks, for every span of ``spans_per_row[i]``, the tokens ``beg..last`` returned by
+    :func:`char_span_to_token_range`; unresolved spans are skipped, as upstream.
+
+    NOTE: upstream fills ``map[i, beg:last + 1]``, which silently clips tokens at column
+    ``max_length``; we clip identically, and a span lying entirely beyond the last column is
+    reported as unresolved (it marks nothing).
+
+    Args:
+        tokenized: fast-tokenizer ``BatchEncoding`` of ONE caption (truncated at ``max_length``
+            for training maps; upstream uses an untruncated one for grounding evaluation).
+        spans_per_row: one entry per box / phrase, each a list of ``[start, end)`` char spans.
+        max_length: number of columns (256 in FIBER).
+        normalize: divide every row by (row sum + 1e-6), as the official dataset does; False
+            gives the binary map the collator feeds to the loss.
+        return_unresolved: also return the spans that marked no token.
+        caption: the caption text; when given, spans are checked against its length (the
+            encoding does not keep the text, so without it only ``0 <= start < end`` is checked).
+
+    Returns:
+        float32 tensor [n_rows, max_length]; with ``return_unresolved`` a tuple
+        ``(map, [(row, (start, end)), ...])``.
+
+    Raises:
+        ValueError: slow-tokenizer encoding, batch of several captions, or a span outside the
+            caption (start < 0, start >= end, end > len(caption)).
+        TypeError: ``tokenized`` is not a BatchEncoding.
+    """
+    _check_encoding(tokenized)
+    positive_map = torch.zeros((len(spans_per_row), max_length), dtype=torch.float32)
+    unresolved: List[Tuple[int, Span]] = []
+    for row, spans in enumerate(spans_per_row):
+        for span in spans:
+            start, end = check_span(span, caption)
+            token_range = char_span_to_token_range(tokenized, start, end)
+            if token_range is None or token_range[0] >= max_length:
+                unresolved.append((row, (start, end)))
+                continue
+            positive_map[row, token_range[0] : token_range[1] + 1] = 1.0
+    if normalize:
+        positive_map = positive_map / (positive_map.sum(-1)[:, None] + POSITIVE_MAP_EPS)
+    return (positive_map, unresolved) if return_unresolved else positive_map
+
+
+def positive_map_from_caption(
+    tokenizer,
+    caption: str,
+    spans_per_row: Sequence[Sequence[Sequence[int]]],
+    max_length: int = 256,
+    normalize: bool = True,
+    return_unresolved: bool = False,
+):
+    """Tokenises ``caption`` (truncated at ``max_length``, unpadded) and calls create_positive_map.
+
+    This is the dataset-side path of spec §7.3: spans whose tokens were truncated away are
+    unresolved (reported with ``return_unresolved``).
+
+    Args:
+        tokenizer: a fast HF tokenizer.
+        caption: the caption text.
+        spans_per_row: one list of ``[start, end)`` char spans per box / phrase.
+        max_length: truncation length and number of columns.
+        normalize: see :func:`create_positive_map`.
+        return_unresolved: see :func:`create_positive_map`.
+
+    Returns:
+        As :func:`create_positive_map`.
+    """
+    check_fast_tokenizer(tokenizer)
+    tokenized = tokenizer(caption, max_length=max_length, truncation=True)
+    return create_positive_map(
+        tokenized,
+        spans_per_row,
+        max_length,
+        normalize,
+        return_unresolved=return_unresolved,
+        caption=caption,
+    )
+
+
+def positive_map_to_label_tokens(positive_map: torch.Tensor, plus: int = 1) -> Dict[int, List[int]]:
+    """Converts a [n_rows, T] positive map into ``{row + plus: [indices of nonzero tokens]}``.
+
+    Official grounding evaluation uses ``plus=1`` (labels are phrase index + 1). Rows that mark no
+    token are kept with an empty list, as upstream.
+
+    Example:
+        >>> pm = torch.tensor([[0.0, 0.5, 0.5, 0.0], [0.0, 0.0, 0.0, 1.0]])
+        >>> positive_map_to_label_tokens(pm)
+        {1: [1, 2], 2: [3]}
+    """
+    if positive_map.dim() != 2:
+        raise ValueError(
+            f"positive_map must be 2-D [n_rows, T], got shape {tuple(positive_map.shape)}"
+        )
+    return {
+        row + plus: torch.nonzero(positive_map[row]).flatten().tolist()
+        for row in range(positive_map.shape[0])
+    }
+
+
+def label_tokens_to_positive_map(
+    label_to_tokens: Mapping[int, Sequence[int]], max_length: int = 256
+) -> torch.Tensor:
+    """Converts ``{label: [token indices]}`` into the binary float32 map, rows in label order.
+
+    Example:
+        >>> label_tokens_to_positive_map({2: [3], 1: [1, 2]}, max_length=4)
+        tensor([[0., 1., 1., 0.],
+                [0., 0., 0., 1.]])
+    """
+    labels = sorted(label_to_tokens)
+    positive_map = torch.zeros((len(labels), max_length), dtype=torch.float32)
+    for row, label in enumerate(labels):
+        tokens = list(label_to_tokens[label])
+        bad = [t for t in tokens if not 0 <= int(t) < max_length]
+        if bad:
+            raise ValueError(f"label {label}: token indices {bad} are outside [0, {max_length})")
+        positive_map[row, tokens] = 1.0
+    return positive_map
