@@ -4,3 +4,6 @@ from . import compat
 compat.apply()
 
 __version__ = "0.1.0"
+
+from .config import add_fiber_config  # noqa: E402
+from . import modeling  # noqa: E402,F401  (registers FIBER and build_fiber_backbone)

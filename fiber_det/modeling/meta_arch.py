@@ -27,7 +27,8 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import Boxes, ImageList, Instances
 
-from ..data.tokenization import build_tokenizer, create_positive_map, tokenize_captions
+from ..data.prompts import build_label_to_tokens
+from ..data.tokenization import build_tokenizer, positive_map_from_caption, tokenize_captions
 from .head.atss import LegacyAnchorGenerator, LegacyBoxCoder
 from .head.grounding_head import FiberHead
 from .head.losses import FiberLoss
@@ -139,12 +140,8 @@ class FIBER(nn.Module):
         if "label_to_tokens" in x:
             mapping = {int(k): [int(t) for t in v] for k, v in x["label_to_tokens"].items()}
         elif "label_spans" in x:
-            labels = sorted(x["label_spans"])
-            pmap = create_positive_map(
-                self._encode_one(x["caption"]), [x["label_spans"][k] for k in labels],
-                max_length=self.max_query_len, normalize=False,
-            )
-            mapping = {k: torch.nonzero(row).flatten().tolist() for k, row in zip(labels, pmap)}
+            # untruncated tokenisation, as upstream's create_queries_and_maps
+            mapping = build_label_to_tokens(self.tokenizer, x["caption"], x["label_spans"])
         else:
             raise ValueError(f"image {i}: no phrase to score; give 'label_to_tokens' or 'label_spans'")
         if not mapping:
@@ -159,16 +156,13 @@ class FIBER(nn.Module):
                 )
         return mapping
 
-    def _encode_one(self, caption: str):
-        return self.tokenizer(caption, max_length=self.max_query_len, truncation=True, return_offsets_mapping=True)
-
     def gt_positive_map(self, x: dict, i: int) -> torch.Tensor:
         inst = x["instances"]
         if inst.has("gt_positive_map"):
             return inst.gt_positive_map.to(self.device)
         if inst.has("tokens_positive"):
-            pmap = create_positive_map(
-                self._encode_one(x["caption"]), list(inst.tokens_positive), max_length=self.max_query_len,
+            pmap = positive_map_from_caption(
+                self.tokenizer, x["caption"], list(inst.tokens_positive), max_length=self.max_query_len,
                 normalize=False,
             )
             return pmap.to(self.device)
@@ -180,10 +174,7 @@ class FIBER(nn.Module):
     def forward(self, batched_inputs: List[dict]):
         images = self.preprocess_images(batched_inputs)
         tokens = self.tokenize(batched_inputs)
-        features, language = self.backbone(images.tensor, tokens["input_ids"], tokens["attention_mask"])
-        feats = [features[k] for k in self.in_features]
-        outputs = self.head(feats, language["embedded"])
-        anchors = self.anchor_generator([f.shape[-2:] for f in feats])
+        outputs, anchors = self.run(images.tensor, tokens["input_ids"], tokens["attention_mask"])
         if self.training:
             for i, x in enumerate(batched_inputs):
                 if "instances" not in x:
@@ -192,6 +183,22 @@ class FIBER(nn.Module):
             pmaps = [self.gt_positive_map(x, i) for i, x in enumerate(batched_inputs)]
             return self.loss(outputs, anchors, boxes, pmaps, tokens["attention_mask"])
         return self.inference(batched_inputs, outputs, anchors, images.image_sizes, tokens["attention_mask"].shape[1])
+
+    def run(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """The network on prepared tensors.
+
+        Args:
+            images: (B, 3, H, W) normalised, padded to 32; input_ids, attention_mask: (B, T).
+        Returns:
+            (head outputs of :class:`FiberHead` plus "features" (P3..P7 list) and "language"
+            (the backbone's language dict), anchors per level [(H_l·W_l, 4)]).
+        """
+        features, language = self.backbone(images, input_ids, attention_mask)
+        feats = [features[k] for k in self.in_features]
+        outputs = self.head(feats, language["embedded"])
+        outputs["features"], outputs["language"] = feats, language
+        anchors = self.anchor_generator([f.shape[-2:] for f in feats])
+        return outputs, anchors
 
     def inference(self, batched_inputs, outputs, anchors, image_sizes, num_tokens) -> List[Dict[str, Instances]]:
         results = []

@@ -1,0 +1,38 @@
+"""Check fiber-det against a golden fixture of the official FIBER code.
+
+    python tools/check_reference_parity.py --fixture ../shared/fixtures/fiber_ref_v2_single.pt
+
+Builds the model from the fixture's official config dump, converts its official state dict,
+runs eval and train modes on the fixture's inputs and compares every captured tensor with the
+fixture's tolerances. Prints one line per tensor (key path, max abs diff, tolerance, OK/FAIL)
+and a final ``PARITY OK`` / ``PARITY FAIL`` summary; exits 0 only if everything passes.
+"""
+import argparse
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import fiber_det  # noqa: E402,F401  (registers the model)
+from fiber_det.checkpoint.parity import check_fixture, load_fixture  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fixture", required=True, help="path of a fixture .pt file (FIXTURE_FORMAT.md)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the fixture's own files)")
+    args = parser.parse_args(argv)
+    results = check_fixture(load_fixture(args.fixture), args.tokenizer)
+    for r in results:
+        print(r.line())
+    checked = [r for r in results if not r.skipped]
+    failed = [r for r in checked if not r.ok]
+    worst = max(checked, key=lambda r: r.ratio)
+    verdict = "PARITY FAIL" if failed else "PARITY OK"
+    print(f"{verdict}: {len(checked) - len(failed)}/{len(checked)} passed, {len(failed)} failed, "
+          f"{len(results) - len(checked)} skipped; worst diff/tolerance ratio {worst.ratio:.3g} at {worst.key}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
