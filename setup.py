@@ -33,6 +33,7 @@ setup(
     description="FIBER (fusion-in-the-backbone vision-language) detection and phrase grounding "
     "for Detectron2, numerically identical to the official implementation",
     packages=find_packages(include=["fiber_det", "fiber_det.*"]),
+    py_modules=["fiber_det_compat"],
     python_requires=">=3.10,<3.13",
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},

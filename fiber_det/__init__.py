@@ -1,7 +1,7 @@
 """fiber-det: FIBER fine-grained detection and phrase grounding as a Detectron2 extension."""
-from . import compat
+import fiber_det_compat
 
-compat.apply()
+fiber_det_compat.apply()
 
 __version__ = "0.1.0"
 

@@ -7,7 +7,7 @@
 # Network: PyPI only (torch/torchvision come from the machine's local wheel store via pip).
 # detectron2 is not on PyPI under its own name; we build its v0.6 Python sources from the
 # registry copy `pb1-detectron2==0.6` (byte-identical to upstream v0.6, without csrc) into a
-# pure-Python wheel. Runtime fixes for a modern stack live in fiber_det/compat.py, not here.
+# pure-Python wheel. Runtime fixes for a modern stack live in fiber_det_compat.py, not here.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -88,10 +88,15 @@ if have "fiber-det" && "$PY" -c 'import fiber_det, pytest, hypothesis' >/dev/nul
   touch "$VENV/.fiber_det_installed"
 fi
 
+# detectron2 runtime fixes at interpreter start (so detectron2 can be imported before fiber_det)
+SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "import fiber_det_compat; fiber_det_compat.install_hook()" > "$SITE/fiber_det_compat.pth"
+
 say "6/6 check imports"
 "$PY" - <<'PYEOF'
-import fiber_det, detectron2  # fiber_det applies its compatibility fixes on import
-from detectron2 import _C  # the stand-in registered by fiber_det.compat
+import detectron2.modeling  # works before fiber_det thanks to the fiber_det_compat.pth hook
+import fiber_det
+from detectron2 import _C  # the stand-in registered by fiber_det_compat
 import torch, torchvision, transformers, tokenizers, timm, pycocotools, lvis
 print(f"    torch {torch.__version__}, torchvision {torchvision.__version__}, detectron2 {detectron2.__version__}, "
       f"transformers {transformers.__version__}, fiber_det {fiber_det.__version__}")

@@ -19,7 +19,10 @@ from ..modeling.postprocess import postprocess_image, rescale_boxes
 from .convert import convert_official_state_dict
 from .official_config import translate_official_config
 
-__all__ = ["Comparison", "build_fixture_model", "check_fixture", "load_fixture", "tolerance_for"]
+__all__ = [
+    "Comparison", "build_fixture_model", "check_fixture", "eval_comparisons", "load_fixture", "tolerance_for",
+    "train_comparisons",
+]
 
 
 @dataclass
@@ -150,7 +153,7 @@ def _match_sets(fixture, key, boxes, scores, labels, ref_boxes, ref_scores, ref_
     return out
 
 
-def _eval_checks(fixture, model) -> List[Comparison]:
+def eval_comparisons(fixture, model) -> List[Comparison]:
     inp, oe = fixture["inputs"], fixture["outputs_eval"]
     L = oe["stored_token_slots"]
     res = []
@@ -227,7 +230,7 @@ def _detection_checks(fixture, model, outputs, anchors, i, per_image) -> List[Co
     return res
 
 
-def _train_checks(fixture, model) -> List[Comparison]:
+def train_comparisons(fixture, model) -> List[Comparison]:
     inp, ot = fixture["inputs"], fixture["outputs_train"]
     res = []
     c = lambda key, a, e: res.append(_compare(fixture, key, a, e))  # noqa: E731
@@ -274,6 +277,6 @@ def check_fixture(fixture: dict, tokenizer_dir: Optional[str] = None) -> List[Co
         tok = model.tokenize([{"caption": c} for c in fixture["inputs"]["captions"]])
         res.append(_compare(fixture, "inputs/input_ids", tok["input_ids"], fixture["inputs"]["input_ids"]))
         res.append(_compare(fixture, "inputs/attention_mask", tok["attention_mask"], fixture["inputs"]["attention_mask"]))
-    res += _eval_checks(fixture, model)
-    res += _train_checks(fixture, model)
+    res += eval_comparisons(fixture, model)
+    res += train_comparisons(fixture, model)
     return res

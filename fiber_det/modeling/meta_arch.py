@@ -32,6 +32,7 @@ from ..data.tokenization import build_tokenizer, positive_map_from_caption, toke
 from .head.atss import LegacyAnchorGenerator, LegacyBoxCoder
 from .head.grounding_head import FiberHead
 from .head.losses import FiberLoss
+from ..utils.paths import resolve_path
 from .postprocess import postprocess_image, rescale_boxes
 
 __all__ = ["FIBER"]
@@ -101,7 +102,7 @@ class FIBER(nn.Module):
                 [shapes[k].stride for k in in_features], ag.SIZES, ag.ASPECT_RATIOS[0]
             ),
             "loss": FiberLoss(cfg),
-            "tokenizer": build_tokenizer(f.TEXT.TOKENIZER) if f.TEXT.TOKENIZER else None,
+            "tokenizer": _tokenizer_from_cfg(cfg),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "max_query_len": f.TEXT.MAX_QUERY_LEN,
@@ -221,3 +222,23 @@ class FIBER(nn.Module):
                 inst.pred_phrases = [names[int(lab)] for lab in labels]
             results.append({"instances": inst})
         return results
+
+
+def _tokenizer_from_cfg(cfg):
+    """The tokenizer of MODEL.FIBER.TEXT.TOKENIZER, checked against the text tower's config."""
+    t = cfg.MODEL.FIBER.TEXT
+    if not t.TOKENIZER:
+        return None
+    tokenizer = build_tokenizer(resolve_path(t.TOKENIZER))
+    if tokenizer.pad_token_id != t.PAD_TOKEN_ID:
+        raise ValueError(
+            f"MODEL.FIBER.TEXT.PAD_TOKEN_ID = {t.PAD_TOKEN_ID} but tokenizer {t.TOKENIZER} pads with id "
+            f"{tokenizer.pad_token_id}"
+        )
+    if len(tokenizer) > t.VOCAB_SIZE:
+        raise ValueError(f"tokenizer {t.TOKENIZER} has {len(tokenizer)} tokens > MODEL.FIBER.TEXT.VOCAB_SIZE {t.VOCAB_SIZE}")
+    needed = t.MAX_QUERY_LEN + (t.PAD_TOKEN_ID + 1 if t.ARCH == "roberta" else 0)
+    if needed > t.MAX_POSITIONS:
+        raise ValueError(f"MODEL.FIBER.TEXT.MAX_POSITIONS = {t.MAX_POSITIONS} < {needed} positions needed for "
+                         f"MAX_QUERY_LEN {t.MAX_QUERY_LEN} ({t.ARCH} positions)")
+    return tokenizer

@@ -74,6 +74,13 @@ class FiberBackbone(FPN):
         vision.freeze(cfg.MODEL.BACKBONE.FREEZE_AT)
         image_dims = paired_image_dims(f.SWIN.DEPTHS, f.SWIN.EMBED_DIM, text_cfg.num_hidden_layers, n)
         text = TextEncoder(text_cfg, image_dims, use_checkpoint=f.TEXT.USE_CHECKPOINT)
+        # initialisation from pretrained parts; a full checkpoint (MODEL.WEIGHTS) overrides it
+        from ...checkpoint.pretrained import load_hf_text_weights, load_swin_imagenet_weights
+
+        if f.SWIN.WEIGHTS:
+            load_swin_imagenet_weights(vision, f.SWIN.WEIGHTS)
+        if f.TEXT.WEIGHTS:
+            load_hf_text_weights(text, f.TEXT.WEIGHTS)
         return {
             "bottom_up": FusionBottomUp(vision, text, n),
             "out_channels": cfg.MODEL.FPN.OUT_CHANNELS,

@@ -1,0 +1,58 @@
+"""Shared test fixtures: the golden fixture of the official code and tiny model builders."""
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fiber_det  # noqa: E402,F401  (registers the model)
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from fiber_det import add_fiber_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures"
+FIXTURE_V2 = FIXTURES / "fiber_ref_v2_single.pt"
+
+
+def tiny_cfg(name: str = "FIBER-tiny.yaml", **overrides):
+    """A config of configs/quick_schedules with ``KEY=VALUE`` overrides (dots as '__')."""
+    cfg = add_fiber_config(get_cfg())
+    cfg.merge_from_file(str(REPO / "configs" / "quick_schedules" / name))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.merge_from_list([x for k, v in overrides.items() for x in (k.replace("__", "."), v)])
+    return cfg
+
+
+def tiny_model(seed: int = 0, name: str = "FIBER-tiny.yaml", **overrides):
+    torch.manual_seed(seed)
+    return build_model(tiny_cfg(name, **overrides))
+
+
+@pytest.fixture(scope="session")
+def fixture_v2():
+    """The v2 golden fixture; a missing file is a failure, not a skip."""
+    assert FIXTURE_V2.is_file(), f"golden fixture missing: {FIXTURE_V2}"
+    return torch.load(FIXTURE_V2, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def fixture_model(fixture_v2, tmp_path_factory):
+    """Our model built from the fixture's official config and converted weights (eval mode)."""
+    from fiber_det.checkpoint.parity import build_fixture_model
+
+    tok = tmp_path_factory.mktemp("fixture_tokenizer")
+    for name, text in fixture_v2["inputs"]["tokenizer_files"].items():
+        (tok / name).write_text(text)
+    model, _ = build_fixture_model(fixture_v2, str(tok))
+    return model
+
+
+@pytest.fixture(scope="session")
+def fixture_eval(fixture_v2, fixture_model):
+    """(head outputs incl. features/language, anchors) of our model on the fixture inputs."""
+    inp = fixture_v2["inputs"]
+    with torch.no_grad():
+        return fixture_model.run(inp["images"], inp["input_ids"], inp["attention_mask"])

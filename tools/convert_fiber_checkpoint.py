@@ -1,0 +1,119 @@
+"""Convert an official FIBER checkpoint into a Detectron2 model-zoo file for fiber-det.
+
+    python tools/convert_fiber_checkpoint.py --input fiber_coco.pth --output fiber_coco_d2.pth \
+        [--official-config e2e_dyhead_SwinT_B_FPN_coco_finetuning_fusion_backbone.yaml] \
+        [--config-out fiber_coco_d2.yaml] [--use-ema] [--tokenizer /path/to/roberta-base]
+    python tools/convert_fiber_checkpoint.py --coarse --input fiber_coarse_init.pt --output init.pth
+
+The output (``{"model": ..., "__author__": ..., "matching_heuristics": False}``) loads through
+``MODEL.WEIGHTS`` with Detectron2's DetectionCheckpointer with no missing or unexpected key.
+Prints the conversion report; exits non-zero on any unmatched, missing or mis-shaped key.
+"""
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import fiber_det  # noqa: E402,F401
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from fiber_det import add_fiber_config  # noqa: E402
+from fiber_det.checkpoint.convert import (  # noqa: E402
+    ConversionError, convert_coarse_state_dict, convert_official_state_dict, unwrap_checkpoint,
+)
+from fiber_det.checkpoint.official_config import translate_official_config  # noqa: E402
+from fiber_det.checkpoint.rename_table import V3_MARKER  # noqa: E402
+from fiber_det.utils.paths import REPO_ROOT  # noqa: E402
+
+
+def load_checkpoint(path: str, allow_pickle: bool):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # an official file with pickled Python objects beyond tensors/dicts
+        if not allow_pickle:
+            raise SystemExit(
+                f"{path}: cannot be read with weights_only=True ({type(e).__name__}: {e}).\n"
+                "If you trust the file, re-run with --allow-pickle."
+            )
+        print(f"[convert] WARNING: {path} needs full unpickling (weights_only=False)")
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def build_cfg(args, checkpoint):
+    text_cfg = None
+    if args.text_config:
+        with open(args.text_config) as f:
+            text_cfg = json.load(f)
+        text_cfg.setdefault("model_type", "roberta")
+    if args.official_config:
+        cfg = translate_official_config(args.official_config, text_model_config=text_cfg, tokenizer=args.tokenizer)
+    else:
+        if text_cfg is not None:
+            raise SystemExit("--text-config needs --official-config (the rest of the architecture)")
+        cfg = add_fiber_config(get_cfg())
+        cfg.merge_from_file(str(REPO_ROOT / "configs" / "Base-FIBER-SwinB.yaml"))
+        sd, _, _ = unwrap_checkpoint(checkpoint, args.use_ema)
+        cfg.MODEL.FIBER.FUSION.I2T_QUERY_NORM = any(V3_MARKER.search(k) for k in sd)
+        cfg.MODEL.FIBER.TEXT.TOKENIZER = args.tokenizer
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.FIBER.SWIN.WEIGHTS = ""
+    cfg.MODEL.FIBER.TEXT.WEIGHTS = ""
+    return cfg
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="official checkpoint (.pth / .pt)")
+    p.add_argument("--output", required=True, help="Detectron2-style checkpoint to write")
+    p.add_argument("--official-config", default="", help="official yaml (or merged dump) of the checkpoint")
+    p.add_argument("--config-out", default="", help="write the matching fiber-det config here")
+    p.add_argument("--use-ema", action="store_true", help="convert the 'model_ema' weights")
+    p.add_argument("--coarse", action="store_true", help="input is the coarse-grained init (fiber_coarse_init.pt)")
+    p.add_argument("--tokenizer", default="", help="local tokenizer folder written into the config")
+    p.add_argument("--text-config", default="", help="HF config.json of a text model other than roberta-base")
+    p.add_argument("--allow-pickle", action="store_true", help="allow weights_only=False for trusted files")
+    args = p.parse_args(argv)
+
+    checkpoint = load_checkpoint(args.input, args.allow_pickle)
+    try:
+        cfg = build_cfg(args, checkpoint)
+        model = build_model(cfg)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if args.coarse:
+            sd, report = convert_coarse_state_dict(checkpoint, expected)
+        else:
+            sd, report = convert_official_state_dict(checkpoint, expected, use_ema=args.use_ema)
+    except (ConversionError, ValueError, KeyError) as e:
+        print(f"[convert] ERROR: {e}", file=sys.stderr)
+        return 1
+    print(f"[convert] {report.summary()}")
+    for key in report.dropped:
+        print(f"[convert] dropped: {key}")
+    for note in report.notes:
+        print(f"[convert] note: {note}")
+    if report.fresh:
+        print(f"[convert] {len(report.fresh)} model tensors stay at their initialisation (e.g. {report.fresh[0]})")
+    try:
+        report.raise_if_errors()
+    except ConversionError as e:
+        print(f"[convert] ERROR: {e}", file=sys.stderr)
+        return 1
+    torch.save(
+        {"model": sd, "__author__": f"fiber-det convert_fiber_checkpoint.py from {os.path.basename(args.input)}",
+         "matching_heuristics": False},
+        args.output,
+    )
+    print(f"[convert] wrote {args.output} ({len(sd)} tensors)")
+    if args.config_out:
+        with open(args.config_out, "w") as f:
+            f.write(cfg.dump())
+        print(f"[convert] wrote {args.config_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
