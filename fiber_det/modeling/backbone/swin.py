@@ -324,7 +324,7 @@ class SwinTransformer(nn.Module):
             raise ValueError(f"num_fused_blocks={num_fused_blocks} outside [0, {total}]")
         if num_fused_blocks and text_dim is None:
             raise ValueError("fused blocks need text_dim")
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, total)]
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, total, device="cpu")]
         self.num_features = [int(embed_dim * 2**i) for i in range(self.num_layers)]
         self.layers = nn.ModuleList()
         k = 0
