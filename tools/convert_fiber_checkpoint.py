@@ -56,8 +56,11 @@ def build_cfg(args, checkpoint):
             raise SystemExit("--text-config needs --official-config (the rest of the architecture)")
         cfg = add_fiber_config(get_cfg())
         cfg.merge_from_file(str(REPO_ROOT / "configs" / "Base-FIBER-SwinB.yaml"))
-        sd, _, _ = unwrap_checkpoint(checkpoint, args.use_ema)
-        cfg.MODEL.FIBER.FUSION.I2T_QUERY_NORM = any(V3_MARKER.search(k) for k in sd)
+        version = args.fusion_version
+        if version == "auto":  # coarse checkpoints always carry the v3 norm: they default to v2
+            sd, _, _ = unwrap_checkpoint(checkpoint, args.use_ema)
+            version = "v3" if not args.coarse and any(V3_MARKER.search(k) for k in sd) else "v2"
+        cfg.MODEL.FIBER.FUSION.I2T_QUERY_NORM = version == "v3"
         cfg.MODEL.FIBER.TEXT.TOKENIZER = args.tokenizer
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.FIBER.SWIN.WEIGHTS = ""
@@ -73,6 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--config-out", default="", help="write the matching fiber-det config here")
     p.add_argument("--use-ema", action="store_true", help="convert the 'model_ema' weights")
     p.add_argument("--coarse", action="store_true", help="input is the coarse-grained init (fiber_coarse_init.pt)")
+    p.add_argument("--fusion-version", choices=("auto", "v2", "v3"), default="auto",
+                   help="target model without --official-config (auto: from the keys; v2 for --coarse)")
     p.add_argument("--tokenizer", default="", help="local tokenizer folder written into the config")
     p.add_argument("--text-config", default="", help="HF config.json of a text model other than roberta-base")
     p.add_argument("--allow-pickle", action="store_true", help="allow weights_only=False for trusted files")

@@ -47,7 +47,7 @@ def pooled_tensors(shapes: Dict[str, Sequence[int]], seed: int = 0) -> Dict[str,
     for i, (k, s) in enumerate(shapes.items()):
         n = int(torch.Size(s).numel())
         start = (i * 7) % 997
-        out[k] = pool[start:start + n].view(*s)
+        out[k] = pool[start:start + n].view(tuple(s))
     return out
 
 

@@ -346,6 +346,13 @@ class SwinTransformer(nn.Module):
             self.add_module(f"norm{i}", nn.LayerNorm(self.num_features[i]))
         self.apply(_init_weights)
 
+    @classmethod
+    def from_preset(cls, name: str, **kwargs) -> "SwinTransformer":
+        """Swin-T/S/B/L geometry from :data:`SWIN_PRESETS`; ``kwargs`` override or add arguments."""
+        if name not in SWIN_PRESETS:
+            raise ValueError(f"unknown Swin preset {name!r}; choose from {sorted(SWIN_PRESETS)}")
+        return cls(**{**SWIN_PRESETS[name], **kwargs})
+
     def _patch_embed(self, images):
         ps = self.patch_size
         _, _, h, w = images.shape

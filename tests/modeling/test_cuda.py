@@ -1,0 +1,55 @@
+"""CUDA vs CPU agreement (TF32 off) and AMP training steps; skipped without a GPU.
+
+Run on a GPU machine with: python -m pytest -q tests/modeling/test_cuda.py
+"""
+import copy
+
+import pytest
+import torch
+from model_inputs import cat_input
+
+from conftest import tiny_model
+from fiber_det.checkpoint.parity import tolerance_for
+from fiber_det.modeling.postprocess import postprocess_image
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def test_fixture_model_cpu_vs_cuda(fixture_v2, fixture_model, fixture_eval):
+    inp, oe = fixture_v2["inputs"], fixture_v2["outputs_eval"]
+    gpu = copy.deepcopy(fixture_model).cuda().eval()
+    with torch.no_grad():
+        out, anchors = gpu.run(inp["images"].cuda(), inp["input_ids"].cuda(), inp["attention_mask"].cuda())
+    cpu, _ = fixture_eval
+    for key, group in (("features", "outputs_eval/fpn_features"), ("tower", "outputs_eval/dyhead_tower_features"),
+                       ("box_deltas", "outputs_eval/head/bbox_reg"), ("centerness", "outputs_eval/head/centerness"),
+                       ("token_logits", "outputs_eval/head/dot_product_logits")):
+        atol, rtol = tolerance_for(fixture_v2, group)
+        for lvl in range(5):
+            torch.testing.assert_close(out[key][lvl].cpu(), cpu[key][lvl], atol=atol, rtol=rtol)
+    mapping = inp["per_image"][0]["positive_map_label_to_token"]
+    boxes, scores, labels = postprocess_image(out, 0, anchors, inp["image_sizes_hw"][0], mapping)
+    det = oe["detections"][0]
+    assert sorted(labels.cpu().tolist()) == sorted(det["labels"].tolist())
+    torch.testing.assert_close(scores.cpu().sort().values, det["scores"].sort().values, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_amp_training_step(dtype):
+    model = tiny_model(seed=0).cuda().train()
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    with torch.autocast("cuda", dtype=dtype):
+        losses = model([cat_input()])
+    assert all(torch.isfinite(v) and v.dtype == torch.float32 for v in losses.values()), losses
+    scaler.scale(sum(losses.values())).backward()
+    scaler.step(opt)
+    scaler.update()
