@@ -23,7 +23,8 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from fiber_det import add_fiber_config  # noqa: E402
 from fiber_det.checkpoint.convert import (  # noqa: E402
-    ConversionError, convert_coarse_state_dict, convert_official_state_dict, unwrap_checkpoint,
+    ConversionError, anchor_spec_from_cfg, convert_coarse_state_dict, convert_official_state_dict,
+    unwrap_checkpoint,
 )
 from fiber_det.checkpoint.official_config import translate_official_config  # noqa: E402
 from fiber_det.checkpoint.rename_table import V3_MARKER  # noqa: E402
@@ -91,7 +92,9 @@ def main(argv=None) -> int:
         if args.coarse:
             sd, report = convert_coarse_state_dict(checkpoint, expected)
         else:
-            sd, report = convert_official_state_dict(checkpoint, expected, use_ema=args.use_ema)
+            sd, report = convert_official_state_dict(
+                checkpoint, expected, use_ema=args.use_ema, anchors=anchor_spec_from_cfg(cfg)
+            )
     except (ConversionError, ValueError, KeyError) as e:
         print(f"[convert] ERROR: {e}", file=sys.stderr)
         return 1

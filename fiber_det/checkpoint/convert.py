@@ -19,11 +19,17 @@ from .rename_table import DROPPED, REGENERATED_BUFFERS, V3_MARKER, rename_key
 
 __all__ = [
     "ConversionReport", "ConversionError", "unwrap_checkpoint", "convert_official_state_dict",
-    "convert_coarse_state_dict", "COARSE_RENAMES", "COARSE_DISCARDED", "FIBER_ANCHORS",
+    "convert_coarse_state_dict", "COARSE_RENAMES", "COARSE_DISCARDED", "FIBER_ANCHORS", "anchor_spec_from_cfg",
 ]
 
-# FIBER's anchors: (stride, sizes) per level, aspect ratio 1 (spec §4.6)
-FIBER_ANCHORS = ((8, (64,)), (16, (128,)), (32, (256,)), (64, (512,)), (128, (1024,)))
+# FIBER's anchors: (stride, sizes, aspect ratios) per level (spec §4.6)
+FIBER_ANCHORS = tuple((8 * 2**i, (64 * 2**i,), (1.0,)) for i in range(5))
+
+
+def anchor_spec_from_cfg(cfg, strides=(8, 16, 32, 64, 128)):
+    """(stride, sizes, aspect ratios) per level of a fiber-det config, to check stored anchors."""
+    ag = cfg.MODEL.ANCHOR_GENERATOR
+    return tuple((s, tuple(sizes), tuple(ag.ASPECT_RATIOS[0])) for s, sizes in zip(strides, ag.SIZES))
 
 
 class ConversionError(ValueError):
@@ -102,19 +108,20 @@ def _expected_buffer(key: str, value: torch.Tensor, anchors) -> Optional[torch.T
         return torch.arange(value.shape[-1]).expand(1, -1)
     m = re.search(r"cell_anchors\.(\d+)$", key)
     if m and int(m.group(1)) < len(anchors):
-        stride, sizes = anchors[int(m.group(1))]
-        return torch.from_numpy(generate_cell_anchors(stride, sizes, (1.0,)))
+        stride, sizes, ratios = anchors[int(m.group(1))]
+        return torch.from_numpy(generate_cell_anchors(stride, sizes, ratios))
     return None
 
 
 def _check_expected(new_sd, expected, report):
     if expected is None:
         return
+    official = {new: old for old, new in report.converted.items()}
     for k, v in new_sd.items():
         if k not in expected:
-            report.unmatched.append(f"{k} (converted name unknown to the model)")
+            report.unmatched.append(f"{official[k]} -> {k} (converted name unknown to the model)")
         elif tuple(expected[k]) != tuple(v.shape):
-            report.mismatched.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k])}")
+            report.mismatched.append(f"{official[k]} -> {k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k])}")
     report.missing += sorted(k for k in expected if k not in new_sd)
 
 
@@ -131,7 +138,8 @@ def convert_official_state_dict(
         expected_shapes: {key: shape} of the target model's state dict; when given, missing
             and mis-shaped keys are errors too.
         use_ema: read ``model_ema`` instead of ``model``.
-        anchors: (stride, sizes) per level, to check the stored cell anchors.
+        anchors: (stride, sizes, aspect ratios) per level, to check the stored cell anchors
+            (:func:`anchor_spec_from_cfg`).
     Returns:
         (state dict, report); call ``report.raise_if_errors()`` (the CLI does).
     """
@@ -194,8 +202,12 @@ COARSE_DISCARDED = (
     (re.compile(r"^backbone\.bottom_up\.vision\.head\."), "Swin classifier"),
     (re.compile(r"\.alpha_t2i$"), "gate of a text layer without cross-attention"),
     (re.compile(r"\.attn\.norm_i2t_i\."), "v3 query LayerNorm, absent in a v2 model"),
-    (re.compile(r"^(?!backbone\.)"), "coarse-stage head/projection/queue (ITC, ITM, MLM)"),
+    (re.compile(r"^(cross_modal_\w+|mlm_score|itm_score|rank_output|vqa_classifier|nlvr2_classifier|snli_classifier)\."
+                r"|^(temp|queue_ptr|queue_total|\w+_queue)$"),
+     "coarse-stage head, projection, pooler or ITC queue"),
 )
+# model keys a coarse checkpoint does not provide by design (fresh in the fine-grained model)
+COARSE_FRESH = re.compile(r"^(?!backbone\.bottom_up\.)|^backbone\.bottom_up\.vision\.norm\d+\.")
 
 
 def convert_coarse_state_dict(
@@ -204,10 +216,11 @@ def convert_coarse_state_dict(
     """Coarse-grained (stage-1) checkpoint -> the fine-grained model's backbone towers.
 
     Initialises the Swin (with its image->text fusion, gates and, for v3 models, the query
-    LayerNorm) and the text encoder (with its text->image fusion). Everything else of the model
-    (Swin output norms, FPN, DyHead) is reported as ``fresh``. Coarse keys without a place in the
-    model are ``dropped`` only when they match a documented reason (:data:`COARSE_DISCARDED`);
-    any other unknown key, and any shape mismatch, is an error.
+    LayerNorm) and the text encoder (with its text->image fusion). The rest of the model (Swin
+    output norms, FPN, DyHead: :data:`COARSE_FRESH`) is reported as ``fresh``; a tower key the
+    checkpoint lacks is ``missing`` (an error). Coarse keys without a place in the model are
+    ``dropped`` only when they match a documented reason (:data:`COARSE_DISCARDED`); any other
+    unknown key, and any shape mismatch, is an error.
     """
     sd, source, stripped = unwrap_checkpoint(checkpoint)
     report = ConversionReport(source=source, version="coarse", stripped_prefix=stripped)
@@ -226,5 +239,7 @@ def convert_coarse_state_dict(
             report.unmatched.append(k)
         else:
             report.dropped.append(f"{k}: {reason}")
-    report.fresh = sorted(k for k in expected_shapes if k not in new_sd)
+    absent = sorted(k for k in expected_shapes if k not in new_sd)
+    report.fresh = [k for k in absent if COARSE_FRESH.search(k)]
+    report.missing = [k for k in absent if not COARSE_FRESH.search(k)]
     return new_sd, report

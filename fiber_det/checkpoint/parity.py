@@ -16,7 +16,7 @@ import torch
 from detectron2.modeling import build_model
 
 from ..modeling.postprocess import postprocess_image, rescale_boxes
-from .convert import convert_official_state_dict
+from .convert import anchor_spec_from_cfg, convert_official_state_dict
 from .official_config import translate_official_config
 
 __all__ = [
@@ -110,7 +110,7 @@ def build_fixture_model(fixture: dict, tokenizer_dir: Optional[str] = None):
     cfg.MODEL.DEVICE = "cpu"
     model = build_model(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    sd, report = convert_official_state_dict(fixture["state_dict"], expected)
+    sd, report = convert_official_state_dict(fixture["state_dict"], expected, anchors=anchor_spec_from_cfg(cfg))
     report.raise_if_errors()
     model.load_state_dict({k: v.clone() for k, v in sd.items()}, strict=True)
     model.eval()

@@ -18,6 +18,8 @@ from fiber_det.modeling.backbone.swin import relative_position_index
 VISION, TEXT = "backbone.bottom_up.vision.", "backbone.bottom_up.text."
 OUTPUT_NORM = re.compile(r"^backbone\.bottom_up\.vision\.norm[123]\.")
 FRESH_PREFIXES = ("backbone.fpn_", "backbone.top_block", "head.")
+BLOCK = re.compile(r"^backbone\.bottom_up\.vision\.layers\.(\d+)\.blocks\.(\d+)\.")
+LAYER = re.compile(r"^backbone\.bottom_up\.text\.encoder\.layer\.(\d+)\.")
 
 
 def expected_fresh(shapes):
@@ -36,9 +38,9 @@ def build_coarse(shapes, seed=0, add_norm_i2t_i=True):
             tower["vit_model." + k[len(VISION):]] = k
         elif k.startswith(TEXT):
             tower["text_transformer." + k[len(TEXT):]] = k
-    blocks = sorted({m.group(1, 2) for k in shapes for m in [re.match(r"^backbone\.bottom_up\.vision\.layers\.(\d+)\.blocks\.(\d+)\.", k)] if m})
+    blocks = sorted({m.group(1, 2) for m in map(BLOCK.match, shapes) if m})
     fused_blocks = [b for b in blocks if f"{VISION}layers.{b[0]}.blocks.{b[1]}.attn.alpha_i2t" in shapes]
-    layers = sorted({int(m.group(1)) for k in shapes for m in [re.match(r"^backbone\.bottom_up\.text\.encoder\.layer\.(\d+)\.", k)] if m})
+    layers = sorted({int(m.group(1)) for m in map(LAYER.match, shapes) if m})
     fused_layers = [k for k in layers if f"{TEXT}encoder.layer.{k}.alpha_t2i" in shapes]
     hidden = shapes[f"{TEXT}embeddings.word_embeddings.weight"][1]
     vocab = shapes[f"{TEXT}embeddings.word_embeddings.weight"][0]
@@ -67,7 +69,8 @@ def build_coarse(shapes, seed=0, add_norm_i2t_i=True):
     extras["text_transformer.pooler.dense.bias"] = ((hidden,), "pooler")
     for k in fused_layers:
         for p in ("weight", "bias"):
-            extras[f"text_transformer.encoder.layer.{k}.crossattention_t2i.output.LayerNorm.{p}"] = ((hidden,), "Identity")
+            key = f"text_transformer.encoder.layer.{k}.crossattention_t2i.output.LayerNorm.{p}"
+            extras[key] = ((hidden,), "Identity")
     for k in layers:
         if k not in fused_layers:
             extras[f"text_transformer.encoder.layer.{k}.alpha_t2i"] = ((1,), "without cross-attention")
@@ -199,3 +202,19 @@ def test_cli_converts_a_coarse_checkpoint(fixture_v2, fixture_model, tmp_path):
     assert set(written["model"]) == set(tower.values())
     key = "text_transformer.encoder.layer.10.crossattention_t2i.self.key.weight"
     assert torch.equal(written["model"][tower[key]], sd[key])
+
+
+# A coarse checkpoint that does not initialise the towers must not convert "successfully".
+def test_missing_tower_key_is_an_error(tiny_shapes):
+    sd, _, _ = build_coarse(tiny_shapes)
+    del sd["vit_model.layers.0.blocks.0.attn.qkv.weight"]
+    _, report = convert_coarse_state_dict({"state_dict": sd}, tiny_shapes)
+    assert "backbone.bottom_up.vision.layers.0.blocks.0.attn.qkv.weight" in report.missing
+    assert not report.ok
+
+
+def test_checkpoint_under_an_unknown_module_name_is_an_error(tiny_shapes):
+    sd, _, _ = build_coarse(tiny_shapes)
+    _, report = convert_coarse_state_dict({"state_dict": {"model." + k: v for k, v in sd.items()}}, tiny_shapes)
+    assert not report.converted
+    assert not report.ok

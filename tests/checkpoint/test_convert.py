@@ -125,7 +125,8 @@ def test_regenerated_buffers_have_the_official_shapes(swin_b):
     rows = {k: s for k, s, _ in _read_tsv(swin_b["version"])}
     idx = relative_position_index(12)
     assert tuple(idx.shape) == rows["fusion_backbone.backbone.body.layers.0.blocks.0.attn.relative_position_index"]
-    assert int(idx.max()) + 1 == rows["fusion_backbone.backbone.body.layers.0.blocks.0.attn.relative_position_bias_table"][0]
+    table = rows["fusion_backbone.backbone.body.layers.0.blocks.0.attn.relative_position_bias_table"]
+    assert int(idx.max()) + 1 == table[0] == 23 ** 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +261,7 @@ def test_extra_unknown_key_is_an_error(official_sd, expected_shapes, extra, list
     bad[extra] = torch.zeros(3)
     _, report = convert_official_state_dict({"model": bad}, expected_shapes)
     assert not report.ok
-    assert any(u.startswith(listed) for u in report.unmatched), report.unmatched
+    assert any(listed in u for u in report.unmatched), report.unmatched
     assert not report.missing and not report.mismatched
     with pytest.raises(ConversionError, match=listed.replace(".", r"\.")):
         report.raise_if_errors()
@@ -280,7 +281,8 @@ def test_missing_key_is_an_error(official_sd, expected_shapes):
 def test_misshaped_key_is_an_error(official_sd, expected_shapes):
     bad = _changed(official_sd, "module.rpn.head.bbox_pred.weight", lambda t: torch.zeros(5, *t.shape[1:]))
     _, report = convert_official_state_dict({"model": bad}, expected_shapes)
-    assert len(report.mismatched) == 1 and report.mismatched[0].startswith("head.bbox_pred.weight")
+    assert len(report.mismatched) == 1
+    assert report.mismatched[0].startswith("rpn.head.bbox_pred.weight -> head.bbox_pred.weight")
     assert "(5, 64, 1, 1)" in report.mismatched[0] and "(4, 64, 1, 1)" in report.mismatched[0]
     with pytest.raises(ConversionError, match=r"head\.bbox_pred\.weight"):
         report.raise_if_errors()
@@ -323,7 +325,8 @@ def round_trip(fixture_v2, side_files, tmp_path_factory):
     ckpt = tmp / "model_final.pth"
     torch.save({"model": sd, "model_ema": sd, "optimizer": {}, "iteration": 5}, ckpt)
     out, cfg_out = tmp / "fiber_d2.pth", tmp / "fiber_d2.yaml"
-    proc = run_tool("convert_fiber_checkpoint.py", *_cli_args(side_files, ckpt, out, "--config-out", cfg_out, "--use-ema"))
+    args = _cli_args(side_files, ckpt, out, "--config-out", cfg_out, "--use-ema")
+    proc = run_tool("convert_fiber_checkpoint.py", *args)
     return {"proc": proc, "out": out, "cfg_out": cfg_out}
 
 
@@ -641,3 +644,14 @@ def test_inert_keys_are_accepted():
     assert "BASE_LR: 0.5" in text and "flickr30k_train" in text
     cfg = translate_official_config(text)
     _assert_same_model_config(cfg, _cfg(REPO / "configs" / "FIBER-SwinB-coco.yaml"))
+
+
+def test_anchor_spec_from_config_checks_stored_anchors(official_sd):
+    from conftest import tiny_cfg
+    from fiber_det.checkpoint.convert import FIBER_ANCHORS, anchor_spec_from_cfg
+
+    cfg = tiny_cfg()
+    assert anchor_spec_from_cfg(cfg) == FIBER_ANCHORS
+    cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]]
+    _, report = convert_official_state_dict({"model": official_sd}, anchors=anchor_spec_from_cfg(cfg))
+    assert any("cell_anchors.0" in m for m in report.mismatched), report.mismatched
