@@ -13,7 +13,8 @@ from detectron2.modeling import build_model  # noqa: E402
 from fiber_det import add_fiber_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures"
+# ../shared/fixtures beside the checkout (CI); FIBER_FIXTURES overrides it where shared/ is absent
+FIXTURES = Path(os.environ.get("FIBER_FIXTURES", REPO.parent / "shared" / "fixtures"))
 FIXTURE_V2 = FIXTURES / "fiber_ref_v2_single.pt"
 GPT2_DIR = REPO / "tests" / "assets" / "gpt2_bpe"
 

@@ -42,6 +42,21 @@ def test_fixture_model_cpu_vs_cuda(fixture_v2, fixture_model, fixture_eval):
     torch.testing.assert_close(scores.cpu().sort().values, det["scores"].sort().values, atol=2e-5, rtol=1e-4)
 
 
+def test_tiny_model_cpu_vs_cuda():
+    cpu = tiny_model(seed=0).eval()
+    for name, p in cpu.named_parameters():
+        if "alpha_" in name:
+            p.data.fill_(0.5)
+    cpu.score_threshold = 0.0
+    gpu = copy.deepcopy(cpu).cuda()
+    x = [cat_input(label_spans={1: [[0, 11]], 2: [[17, 27]]})]
+    with torch.no_grad():
+        a, b = cpu(x)[0]["instances"], gpu(x)[0]["instances"].to("cpu")
+    assert torch.equal(a.pred_labels, b.pred_labels)
+    torch.testing.assert_close(b.scores, a.scores, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(b.pred_boxes.tensor, a.pred_boxes.tensor, atol=5e-3, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_amp_training_step(dtype):
     model = tiny_model(seed=0).cuda().train()
