@@ -171,15 +171,12 @@ def _check_buffer(key, value, anchors, source, report):
     if want.shape != value.shape:
         report.mismatched.append(f"{key}: shape {tuple(value.shape)} vs regenerated {tuple(want.shape)}")
         return
-    same = torch.equal(want.to(value.dtype), value)
-    if not same and source == "model_ema":
+    if torch.equal(want.to(value.dtype), value):
+        report.regenerated.append(key)
+    elif source == "model_ema":
         # EMA averages integer buffers in float and casts back, which can corrupt them;
         # they are regenerated anyway
-        same = value.is_floating_point() and torch.allclose(want.to(value.dtype), value, atol=1e-3)
-        if not same:
-            report.notes.append(f"{key}: EMA copy differs from the regenerated buffer (ignored)")
-            same = True
-    if same:
+        report.notes.append(f"{key}: EMA copy differs from the regenerated buffer (ignored)")
         report.regenerated.append(key)
     else:
         report.mismatched.append(f"{key}: stored values differ from the regenerated buffer")
