@@ -57,11 +57,17 @@ class LegacyAnchorGenerator(nn.Module):
         if len(strides) != len(sizes):
             raise ValueError(f"{len(strides)} strides but {len(sizes)} anchor size lists")
         self.strides = list(strides)
+        self.sizes = [tuple(sz) for sz in sizes]
+        self.aspect_ratios = tuple(aspect_ratios)
         self.cell_anchors = nn.Module()
         for i, (s, sz) in enumerate(zip(strides, sizes)):
             self.cell_anchors.register_buffer(
                 str(i), torch.from_numpy(generate_cell_anchors(s, sz, aspect_ratios)), persistent=False
             )
+
+    def spec(self):
+        """(stride, sizes, aspect ratios) per level (what checkpoint conversion checks against)."""
+        return tuple((s, sz, self.aspect_ratios) for s, sz in zip(self.strides, self.sizes))
 
     @property
     def num_anchors_per_location(self) -> int:

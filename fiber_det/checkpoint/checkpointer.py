@@ -1,0 +1,81 @@
+"""Detectron2 checkpointer for fiber-det models: strict, and reads official FIBER files directly.
+
+Detectron2's DetectionCheckpointer only logs missing, unexpected or mis-shaped keys (and
+silently skips the mis-shaped ones). :class:`FiberCheckpointer` turns each into an error that
+lists them, and converts an official (maskrcnn_benchmark) FIBER checkpoint on the fly with the
+same rename table and checks as tools/convert_fiber_checkpoint.py.
+"""
+import logging
+from typing import Iterable
+
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+
+from .convert import ConversionError, convert_official_state_dict, unwrap_checkpoint
+
+__all__ = ["FiberCheckpointer", "CheckpointMismatchError", "is_official_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose keys do not fit the model; the message lists them."""
+
+
+def is_official_checkpoint(checkpoint) -> bool:
+    """True for a state dict with the official module names (``fusion_backbone.``, ``rpn.``)."""
+    if not isinstance(checkpoint, dict):
+        return False
+    try:
+        sd, _, _ = unwrap_checkpoint(checkpoint)
+    except ConversionError:
+        return False
+    return any(k.startswith("fusion_backbone.") for k in sd)
+
+
+class FiberCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer that refuses incompatible checkpoints and accepts official ones.
+
+    Args:
+        allow_missing: prefixes of model keys that may be absent from the file (e.g. a partial
+            initialisation such as the converted coarse-grained checkpoint: ``("backbone.fpn",
+            "backbone.top_block", "head.", "backbone.bottom_up.vision.norm")``).
+        use_ema: read ``model_ema`` from official files.
+    """
+
+    def __init__(self, model, save_dir="", *, allow_missing: Iterable[str] = (), use_ema: bool = False, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.allow_missing = tuple(allow_missing)
+        self.use_ema = use_ema
+
+    def _load_file(self, filename):
+        if not filename.endswith((".pth", ".pt")):
+            return super()._load_file(filename)
+        data = torch.load(filename, map_location="cpu", weights_only=True)
+        if is_official_checkpoint(data):
+            model = self.model.module if hasattr(self.model, "module") else self.model
+            expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            sd, report = convert_official_state_dict(
+                data, expected, use_ema=self.use_ema, anchors=model.anchor_generator.spec()
+            )
+            report.raise_if_errors()
+            logger.info("converted official FIBER checkpoint %s: %s", filename, report.summary())
+            return {"model": sd, "__author__": "official FIBER (converted on load)", "matching_heuristics": False}
+        return data if "model" in data else {"model": data}
+
+    def _load_model(self, checkpoint):
+        incompatible = super()._load_model(checkpoint)
+        missing = [k for k in incompatible.missing_keys if not k.startswith(self.allow_missing)]
+        lines = []
+        for name, items in (
+            ("missing", missing),
+            ("unexpected", incompatible.unexpected_keys),
+            ("mis-shaped", [f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in incompatible.incorrect_shapes]),
+        ):
+            if items:
+                lines.append(f"{len(items)} {name} key(s):")
+                lines += [f"    {k}" for k in items]
+        if lines:
+            raise CheckpointMismatchError("checkpoint does not fit the model:\n" + "\n".join(lines))
+        return incompatible
