@@ -43,9 +43,10 @@ def fixture_v2():
 @pytest.fixture(scope="session")
 def fixture_tokenizer_dir(fixture_v2, tmp_path_factory):
     """A folder with the fixture's own tiny RoBERTa-format BPE (vocab.json, merges.txt)."""
+    from fiber_det.checkpoint.parity import write_fixture_tokenizer
+
     folder = tmp_path_factory.mktemp("fixture_tokenizer")
-    for name, text in fixture_v2["inputs"]["tokenizer_files"].items():
-        (folder / name).write_text(text, encoding="utf-8")
+    write_fixture_tokenizer(fixture_v2, folder)
     return folder
 
 

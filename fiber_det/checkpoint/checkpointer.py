@@ -12,7 +12,7 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .convert import ConversionError, convert_official_state_dict, unwrap_checkpoint
+from .convert import ConversionError, convert_official_state_dict, list_problems, unwrap_checkpoint
 
 __all__ = ["FiberCheckpointer", "CheckpointMismatchError", "is_official_checkpoint"]
 
@@ -67,15 +67,12 @@ class FiberCheckpointer(DetectionCheckpointer):
     def _load_model(self, checkpoint):
         incompatible = super()._load_model(checkpoint)
         missing = [k for k in incompatible.missing_keys if not k.startswith(self.allow_missing)]
-        lines = []
-        for name, items in (
-            ("missing", missing),
-            ("unexpected", incompatible.unexpected_keys),
-            ("mis-shaped", [f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in incompatible.incorrect_shapes]),
-        ):
-            if items:
-                lines.append(f"{len(items)} {name} key(s):")
-                lines += [f"    {k}" for k in items]
-        if lines:
-            raise CheckpointMismatchError("checkpoint does not fit the model:\n" + "\n".join(lines))
+        report = list_problems({
+            "missing key(s)": missing,
+            "unexpected key(s)": incompatible.unexpected_keys,
+            "mis-shaped key(s)": [f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}"
+                                  for k, a, b in incompatible.incorrect_shapes],
+        })
+        if report:
+            raise CheckpointMismatchError("checkpoint does not fit the model:\n" + report)
         return incompatible

@@ -18,7 +18,7 @@ from ..modeling.head.atss import generate_cell_anchors
 from .rename_table import DROPPED, REGENERATED_BUFFERS, V3_MARKER, rename_key
 
 __all__ = [
-    "ConversionReport", "ConversionError", "unwrap_checkpoint", "convert_official_state_dict",
+    "ConversionReport", "ConversionError", "list_problems", "unwrap_checkpoint", "convert_official_state_dict",
     "convert_coarse_state_dict", "COARSE_RENAMES", "COARSE_DISCARDED", "FIBER_ANCHORS", "anchor_spec_from_cfg",
 ]
 
@@ -30,6 +30,17 @@ def anchor_spec_from_cfg(cfg, strides=(8, 16, 32, 64, 128)):
     """(stride, sizes, aspect ratios) per level of a fiber-det config, to check stored anchors."""
     ag = cfg.MODEL.ANCHOR_GENERATOR
     return tuple((s, tuple(sizes), tuple(ag.ASPECT_RATIOS[0])) for s, sizes in zip(strides, ag.SIZES))
+
+
+def list_problems(problems: Dict[str, List[str]]) -> str:
+    """Format {kind: [keys]} as "N kind:" headings each followed by its keys, one per line
+    (empty kinds left out; "" when there is nothing to report)."""
+    lines = []
+    for kind, items in problems.items():
+        if items:
+            lines.append(f"{len(items)} {kind}:")
+            lines += [f"    {k}" for k in items]
+    return "\n".join(lines)
 
 
 class ConversionError(ValueError):
@@ -57,15 +68,9 @@ class ConversionReport:
         return not (self.unmatched or self.missing or self.mismatched)
 
     def raise_if_errors(self) -> None:
-        if self.ok:
-            return
-        lines = []
-        for name in ("unmatched", "missing", "mismatched"):
-            items = getattr(self, name)
-            if items:
-                lines.append(f"{len(items)} {name} key(s):")
-                lines += [f"    {k}" for k in items]
-        raise ConversionError("checkpoint conversion failed:\n" + "\n".join(lines))
+        if not self.ok:
+            problems = {f"{name} key(s)": getattr(self, name) for name in ("unmatched", "missing", "mismatched")}
+            raise ConversionError("checkpoint conversion failed:\n" + list_problems(problems))
 
     def summary(self) -> str:
         s = (f"source={self.source!r} version={self.version} converted={len(self.converted)} "

@@ -20,8 +20,8 @@ from .convert import anchor_spec_from_cfg, convert_official_state_dict
 from .official_config import translate_official_config
 
 __all__ = [
-    "Comparison", "build_fixture_model", "check_fixture", "eval_comparisons", "load_fixture", "tolerance_for",
-    "train_comparisons",
+    "Comparison", "build_fixture_model", "capture_intermediates", "check_fixture", "eval_comparisons",
+    "load_fixture", "tolerance_for", "train_comparisons", "write_fixture_tokenizer",
 ]
 
 
@@ -100,6 +100,15 @@ def _compare(fixture, key, actual, expected, note="") -> Comparison:
     return Comparison(key, float(diff.max()), atol, rtol, ratio, ratio <= 1.0, note)
 
 
+def write_fixture_tokenizer(fixture: dict, folder: str) -> str:
+    """Write the fixture's own tokenizer files (vocab.json, merges.txt) into ``folder``."""
+    os.makedirs(folder, exist_ok=True)
+    for name, text in fixture["inputs"]["tokenizer_files"].items():
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            f.write(text)
+    return str(folder)
+
+
 def build_fixture_model(fixture: dict, tokenizer_dir: Optional[str] = None):
     """Our model from the fixture's official config dump + converted weights (eval mode, CPU).
 
@@ -117,8 +126,9 @@ def build_fixture_model(fixture: dict, tokenizer_dir: Optional[str] = None):
     return model, report
 
 
-def _capture(model):
-    """Forward hooks recording text embeddings, text layer outputs and Swin stage outputs."""
+def capture_intermediates(model):
+    """Forward hooks recording text embeddings ("emb"), text layer outputs ("text_layers"), the
+    Swin stage outputs ("stages") and C2 ("c2": stage-0 tokens, H, W). Returns (store, hooks)."""
     store: Dict[str, object] = {"text_layers": {}}
     bottom_up = model.backbone.bottom_up
     hooks = [bottom_up.text.embeddings.register_forward_hook(lambda m, i, o: store.__setitem__("emb", o))]
@@ -157,7 +167,7 @@ def eval_comparisons(fixture, model) -> List[Comparison]:
     inp, oe = fixture["inputs"], fixture["outputs_eval"]
     L = oe["stored_token_slots"]
     res = []
-    store, hooks = _capture(model)
+    store, hooks = capture_intermediates(model)
     try:
         with torch.no_grad():
             outputs, anchors = model.run(inp["images"], inp["input_ids"], inp["attention_mask"])
@@ -268,10 +278,7 @@ def check_fixture(fixture: dict, tokenizer_dir: Optional[str] = None) -> List[Co
     """Every comparison of eval and train mode (plus tokenizer reproduction of the input ids)."""
     with tempfile.TemporaryDirectory() as tmp:
         if tokenizer_dir is None:
-            for name, text in fixture["inputs"]["tokenizer_files"].items():
-                with open(os.path.join(tmp, name), "w") as f:
-                    f.write(text)
-            tokenizer_dir = tmp
+            tokenizer_dir = write_fixture_tokenizer(fixture, tmp)
         model, _ = build_fixture_model(fixture, tokenizer_dir)
         res = []
         tok = model.tokenize([{"caption": c} for c in fixture["inputs"]["captions"]])

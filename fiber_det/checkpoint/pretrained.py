@@ -19,6 +19,7 @@ import torch
 from ..modeling.backbone.swin import SwinTransformer, relative_position_index
 from ..modeling.backbone.text import TextEncoder, TextEncoderConfig
 from ..utils.paths import resolve_path
+from .convert import list_problems
 
 __all__ = ["load_hf_text_weights", "load_swin_imagenet_weights", "PretrainedLoadError"]
 
@@ -36,13 +37,9 @@ class PretrainedLoadError(ValueError):
 
 
 def _fail(source: str, problems: Dict[str, List[str]]) -> None:
-    lines = [f"{source}: cannot initialise from it"]
-    for name, items in problems.items():
-        if items:
-            lines.append(f"  {len(items)} {name}:")
-            lines += [f"    {k}" for k in items]
-    if len(lines) > 1:
-        raise PretrainedLoadError("\n".join(lines))
+    report = list_problems(problems)
+    if report:
+        raise PretrainedLoadError(f"{source}: cannot initialise from it\n{report}")
 
 
 def _load_into(module: torch.nn.Module, sd: Dict[str, torch.Tensor], fresh_ok: re.Pattern, source: str):

@@ -9,6 +9,7 @@ from typing import Dict, Sequence
 import torch
 
 from conftest import REPO
+from fiber_det.checkpoint.parity import write_fixture_tokenizer
 
 __all__ = ["write_fixture_side_files", "run_tool", "pooled_tensors", "same_detection_sets"]
 
@@ -23,9 +24,7 @@ def write_fixture_side_files(fixture: dict, folder: Path) -> Dict[str, Path]:
     text = folder / "text_config.json"
     text.write_text(json.dumps(dict(ref["text_model_config_not_in_yacs"], model_type="roberta")))
     tok = folder / "tokenizer"
-    tok.mkdir(exist_ok=True)
-    for name, content in fixture["inputs"]["tokenizer_files"].items():
-        (tok / name).write_text(content)
+    write_fixture_tokenizer(fixture, tok)
     return {"official_config": official, "text_config": text, "tokenizer": tok}
 
 

@@ -15,7 +15,7 @@ from checkpoint_test_utils import run_tool
 from PIL import Image
 from skimage import data
 
-from fiber_det.checkpoint.parity import build_fixture_model
+from fiber_det.checkpoint.parity import build_fixture_model, capture_intermediates
 from fiber_det.data.prompts import build_label_to_tokens
 from fiber_det.data.tokenization import build_tokenizer, positive_map_from_caption, tokenize_captions
 from fiber_det.modeling.postprocess import postprocess_image, rescale_boxes
@@ -56,13 +56,7 @@ def _record(fixture, model, boxes):
     """Reference outputs in the fixture layout, recorded from ``model``."""
     inp = fixture["inputs"]
     L = int(inp["attention_mask"].sum(1).max()) + 1
-    store = {"layers": {}}
-    bu = model.backbone.bottom_up
-    hooks = [bu.text.embeddings.register_forward_hook(lambda m, i, o: store.__setitem__("emb", o)),
-             bu.register_forward_hook(lambda m, i, o: store.__setitem__("stages", o[0])),
-             bu.vision.layers[0].blocks[-1].register_forward_hook(lambda m, i, o: store.__setitem__("c2", (o, i[1], i[2])))]
-    hooks += [layer.register_forward_hook(lambda m, i, o, k=k: store["layers"].__setitem__(k, o))
-              for k, layer in enumerate(bu.text.encoder.layer)]
+    store, hooks = capture_intermediates(model)
     with torch.no_grad():
         out, anchors = model.run(inp["images"], inp["input_ids"], inp["attention_mask"])
     for h in hooks:
@@ -72,7 +66,7 @@ def _record(fixture, model, boxes):
     c2 = tokens.view(2, h, w, -1).permute(0, 3, 1, 2)
     oe = {
         "stored_token_slots": L,
-        "language": {"text_embeddings": store["emb"][:, :L], "text_layers": [store["layers"][k][:, :L] for k in range(12)],
+        "language": {"text_embeddings": store["emb"][:, :L], "text_layers": [store["text_layers"][k][:, :L] for k in range(12)],
                      "hidden": lang["hidden"][:, :L], "embedded": lang["embedded"][:, :L], "masks": lang["masks"],
                      "aggregate": lang["aggregate"]},
         "backbone_features": {"C3": store["stages"]["res3"], "C4": store["stages"]["res4"], "C5": store["stages"]["res5"],
