@@ -76,4 +76,51 @@ def add_fiber_config(cfg: CN) -> CN:
     f.ATSS.PRE_NMS_TOP_N = 1000  # candidates kept per level and image
     f.ATSS.NMS_TH = 0.6  # class-aware NMS IoU ("+1" widths); detections per image:
     # TEST.DETECTIONS_PER_IMAGE
+
+    _add_data_config(cfg)
+    _add_solver_config(cfg)
+    _add_test_config(cfg)
     return cfg
+
+
+def _add_data_config(cfg: CN) -> None:
+    """Data keys (spec §7): augmentation, dataset mixing, detection prompts."""
+    cfg.INPUT.FLIP_PROB = 0.5  # horizontal flip probability in training (legacy "+1"; 0 for RefCOCO)
+    cfg.DATASETS.COPY_FACTORS = []  # one int per DATASETS.TRAIN entry: times it is repeated ([] = 1s)
+    p = cfg.DATASETS.PROMPT = CN()
+    p.SEPARATOR = ". "  # between category names in a detection prompt (DATASETS.SEPARATION_TOKENS)
+    p.SHUFFLE = True  # shuffle the all-categories training prompt per sample (not DISABLE_SHUFFLE)
+    p.MAX_NEGATIVES = 85  # sampled negative names per sample, sampled-negatives path (RANDOM_SAMPLE_NEG)
+    p.CONTROL_PROB = [0.0, 0.0, 1.0, 0.0]  # (one negative, no negative, all MAX_NEGATIVES, random
+    # count) probabilities of the sampled-negatives path; the 4th "drop positive" mode is upstream's
+    p.USE_CAPTION_PROMPT = False  # wrap names with the dataset's caption_prompt metadata (ODinW)
+
+
+def _add_solver_config(cfg: CN) -> None:
+    """Optimisation keys (spec §9) that Detectron2 lacks; BASE_LR, WEIGHT_DECAY, BIAS_LR_FACTOR,
+    WEIGHT_DECAY_BIAS, WARMUP_*, GAMMA, MAX_ITER, CHECKPOINT_PERIOD, AMP.ENABLED and
+    CLIP_GRADIENTS.* are Detectron2's own."""
+    s = cfg.SOLVER
+    s.LANG_LR = 1e-5  # learning rate of every parameter named "language_backbone" / text tower
+    s.BACKBONE_BODY_LR_FACTOR = 1.0  # LR factor of the Swin body (not the text tower)
+    s.WEIGHT_DECAY_NORM_FACTOR = 1.0  # weight decay factor of parameters named "norm"/"Norm"
+    s.STEP_FRACTIONS = []  # LR milestones as fractions of MAX_ITER (used when non-empty; else STEPS)
+    s.MAX_EPOCH = 0  # > 0: MAX_ITER = MAX_EPOCH * len(train set) // IMS_PER_BATCH
+    s.WEIGHT_DECAY_SCHEDULE = False  # multiply weight decay by GAMMA at milestone * RATIO
+    s.WEIGHT_DECAY_SCHEDULE_RATIO = 0.667
+    s.AMP.DTYPE = "float16"  # autocast dtype when AMP.ENABLED: "float16" (GradScaler) or "bfloat16"
+    s.MAX_NEG_PER_BATCH = 0.1  # skip a batch if more than this fraction of its images has no box
+    s.NONFINITE_PATIENCE = 5  # consecutive non-finite losses (steps skipped) before training stops
+    e = cfg.MODEL.EMA = CN()
+    e.ENABLED = False  # keep an exponential moving average of every state-dict entry
+    e.DECAY = 0.999
+    e.USE_FOR_EVAL = False  # evaluate (and export) the EMA weights instead of the raw ones
+
+
+def _add_test_config(cfg: CN) -> None:
+    """Evaluation keys (spec §8)."""
+    t = cfg.TEST
+    t.CHUNK_SIZE = 0  # categories per prompt at test time (LVIS: 40); 0 = one prompt, split
+    # automatically only when it would exceed MODEL.FIBER.TEXT.MAX_QUERY_LEN tokens
+    t.COCO_BOX_PLUS_ONE = True  # COCO results as xywh with w = x2 - x1 + 1 (official; paper numbers)
+    t.LVIS_TOPK_PER_CATEGORY = 10000  # FixedAP: detections kept per category over the dataset

@@ -10,7 +10,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .tokenization import char_span_to_token_range, check_fast_tokenizer, check_span
 
-__all__ = ["clean_name", "build_detection_prompt", "build_label_to_tokens"]
+__all__ = ["clean_name", "build_detection_prompt", "build_label_to_tokens", "chunk_category_prompts"]
 
 # Greedy on purpose: upstream removes everything from the first "(" to the last ")".
 _PARENTHESISED = re.compile(r"\(.*\)")
@@ -156,3 +156,76 @@ def build_label_to_tokens(
             )
         label_to_tokens[label] = sorted(tokens)
     return label_to_tokens
+
+
+def _prompt_length(tokenizer, caption: str) -> int:
+    return len(tokenizer(caption)["input_ids"])
+
+
+def chunk_category_prompts(
+    names: Union[Mapping[int, str], Sequence[str]],
+    tokenizer,
+    chunk_size: int = 0,
+    max_tokens: int = 256,
+    separator: str = ". ",
+    caption_prompt: Optional[Sequence[Mapping[str, str]]] = None,
+) -> List[dict]:
+    """Splits a vocabulary into detection prompts that each fit in ``max_tokens`` tokens.
+
+    With ``chunk_size > 0`` labels (sorted) are cut into consecutive blocks of that many, as the
+    official LVIS evaluation does (40: 1203 names -> 31 prompts); a block that still does not fit
+    is halved until it does. With ``chunk_size == 0`` as few prompts as possible are built by
+    filling each one greedily. Every label lands in exactly one prompt.
+
+    Args:
+        names: ``{label: raw name}`` or a list (labels 1..N).
+        tokenizer: fast HF tokenizer; lengths include the special tokens.
+        chunk_size: labels per prompt, or 0 for greedy packing.
+        max_tokens: token budget of one prompt (MODEL.FIBER.TEXT.MAX_QUERY_LEN).
+        separator, caption_prompt: as in :func:`build_detection_prompt` (caption_prompt in label order).
+
+    Returns:
+        A list of ``{"caption", "label_spans", "label_names"}`` dicts (labels keep their global
+        values), ready to be an input's ``prompts`` entry.
+
+    Raises:
+        ValueError: a single name alone exceeds ``max_tokens``.
+    """
+    pairs = _labelled_names(names, sort_labels=True)
+    prompts_of = {}
+    if caption_prompt is not None:
+        if len(caption_prompt) != len(pairs):
+            raise ValueError(f"caption_prompt has {len(caption_prompt)} entries but there are {len(pairs)} classes")
+        prompts_of = {label: entry for (label, _), entry in zip(pairs, caption_prompt)}
+
+    def build(block):
+        cp = [prompts_of[label] for label, _ in block] if prompts_of else None
+        caption, spans = build_detection_prompt(dict(block), separator, cp, sort_labels=True)
+        return {"caption": caption, "label_spans": spans, "label_names": {label: n for label, n in block}}
+
+    def fits(block):
+        return _prompt_length(tokenizer, build(block)["caption"]) <= max_tokens
+
+    def split_until_fit(block):
+        if fits(block):
+            return [block]
+        if len(block) == 1:
+            raise ValueError(f"category {block[0][1]!r} (label {block[0][0]}) alone exceeds {max_tokens} tokens")
+        half = len(block) // 2
+        return split_until_fit(block[:half]) + split_until_fit(block[half:])
+
+    if chunk_size > 0:
+        blocks = [pairs[i:i + chunk_size] for i in range(0, len(pairs), chunk_size)]
+    else:
+        # Greedy packing on per-name token counts (an upper bound of the joined prompt's length).
+        blocks, current, used = [], [], 2
+        for label, name in pairs:
+            piece = build([(label, name)])["caption"] + separator
+            cost = len(tokenizer(piece, add_special_tokens=False)["input_ids"])
+            if current and used + cost > max_tokens:
+                blocks.append(current)
+                current, used = [], 2
+            current.append((label, name))
+            used += cost
+        blocks.append(current)
+    return [build(b) for block in blocks for b in split_until_fit(block)]
