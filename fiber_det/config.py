@@ -122,5 +122,6 @@ def _add_test_config(cfg: CN) -> None:
     t = cfg.TEST
     t.CHUNK_SIZE = 0  # categories per prompt at test time (LVIS: 40); 0 = one prompt, split
     # automatically only when it would exceed MODEL.FIBER.TEXT.MAX_QUERY_LEN tokens
+    t.PROMPTS_PER_BATCH = 8  # (image, prompt) pairs per forward when inputs carry several prompts
     t.COCO_BOX_PLUS_ONE = True  # COCO results as xywh with w = x2 - x1 + 1 (official; paper numbers)
     t.LVIS_TOPK_PER_CATEGORY = 10000  # FixedAP: detections kept per category over the dataset

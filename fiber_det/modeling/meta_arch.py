@@ -12,7 +12,10 @@ Batched inputs (Detectron2 list of dicts), per image:
   inference (one of):
     "label_to_tokens": {label: [token indices]} (labels >= 1), or
     "label_spans": {label: [[start, end), ...]} character spans, mapped with the tokenizer;
-    optional "label_names": {label: phrase} copied to the output ``pred_phrases``.
+    optional "label_names": {label: phrase} copied to the output ``pred_phrases``;
+    or "prompts": a list of {"caption", "label_spans" | "label_to_tokens", ["label_names"]}, one
+        per chunk of a vocabulary too large for one caption (labels global): the image is run once
+        per prompt (``prompts_per_batch`` pairs per forward) and the detections are concatenated.
 Different images of a batch may carry different captions and label maps.
 
 Output per image: {"instances": Instances(pred_boxes, scores, pred_classes = label - 1,
@@ -59,6 +62,7 @@ class FIBER(nn.Module):
         pre_nms_top_n: int = 1000,
         nms_threshold: float = 0.6,
         detections_per_image: int = 100,
+        prompts_per_batch: int = 8,
     ):
         """
         Args:
@@ -68,6 +72,7 @@ class FIBER(nn.Module):
             pixel_mean, pixel_std: BGR, 0-255 units.
             max_query_len, pad_to_max: caption truncation / padding (official: 256, True).
             score_threshold, pre_nms_top_n, nms_threshold, detections_per_image: inference.
+            prompts_per_batch: (image, prompt) pairs per forward for inputs with several prompts.
         """
         super().__init__()
         self.backbone = backbone
@@ -83,6 +88,7 @@ class FIBER(nn.Module):
         self.pre_nms_top_n = pre_nms_top_n
         self.nms_threshold = nms_threshold
         self.detections_per_image = detections_per_image
+        self.prompts_per_batch = max(1, int(prompts_per_batch))
         self.box_coder = LegacyBoxCoder()
         self.in_features = ["p3", "p4", "p5", "p6", "p7"]
 
@@ -111,6 +117,7 @@ class FIBER(nn.Module):
             "pre_nms_top_n": f.ATSS.PRE_NMS_TOP_N,
             "nms_threshold": f.ATSS.NMS_TH,
             "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "prompts_per_batch": cfg.TEST.PROMPTS_PER_BATCH,
         }
 
     @property
@@ -173,6 +180,8 @@ class FIBER(nn.Module):
 
     # ---- forward ----
     def forward(self, batched_inputs: List[dict]):
+        if not self.training and any("prompts" in x for x in batched_inputs):
+            return self.multi_prompt_inference(batched_inputs)
         images = self.preprocess_images(batched_inputs)
         tokens = self.tokenize(batched_inputs)
         outputs, anchors = self.run(images.tensor, tokens["input_ids"], tokens["attention_mask"])
@@ -201,6 +210,31 @@ class FIBER(nn.Module):
         anchors = self.anchor_generator([f.shape[-2:] for f in feats])
         return outputs, anchors
 
+    def multi_prompt_inference(self, batched_inputs: List[dict]) -> List[Dict[str, Instances]]:
+        """Runs every (image, prompt) pair, ``prompts_per_batch`` at a time, and concatenates the
+        detections of each image (sorted by score; labels are global across prompts)."""
+        pairs, owner = [], []
+        for i, x in enumerate(batched_inputs):
+            prompts = x.get("prompts")
+            if prompts is None:
+                prompts = [{k: x[k] for k in ("caption", "label_spans", "label_to_tokens", "label_names") if k in x}]
+            if not prompts:
+                raise ValueError(f"image {i}: 'prompts' is empty; nothing to detect")
+            base = {k: v for k, v in x.items() if k not in ("prompts", "caption", "label_spans", "label_to_tokens", "label_names")}
+            for p in prompts:
+                pairs.append({**base, **p})
+                owner.append(i)
+        per_image: List[List[Instances]] = [[] for _ in batched_inputs]
+        for start in range(0, len(pairs), self.prompts_per_batch):
+            results = self.forward(pairs[start:start + self.prompts_per_batch])
+            for j, r in enumerate(results):
+                per_image[owner[start + j]].append(r["instances"])
+        merged = []
+        for parts in per_image:
+            inst = Instances.cat(parts) if len(parts) > 1 else parts[0]
+            merged.append({"instances": _reorder(inst, torch.argsort(inst.scores, descending=True, stable=True))})
+        return merged
+
     def inference(self, batched_inputs, outputs, anchors, image_sizes, num_tokens) -> List[Dict[str, Instances]]:
         results = []
         for i, x in enumerate(batched_inputs):
@@ -222,6 +256,14 @@ class FIBER(nn.Module):
                 inst.pred_phrases = [names[int(lab)] for lab in labels]
             results.append({"instances": inst})
         return results
+
+
+def _reorder(inst: Instances, order: torch.Tensor) -> Instances:
+    """``inst[order]`` that also reorders list fields (``pred_phrases``), which Instances cannot."""
+    out = Instances(inst.image_size)
+    for k, v in inst.get_fields().items():
+        out.set(k, [v[j] for j in order.tolist()] if isinstance(v, list) else v[order])
+    return out
 
 
 def _tokenizer_from_cfg(cfg):
