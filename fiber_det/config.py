@@ -61,6 +61,7 @@ def add_fiber_config(cfg: CN) -> CN:
     f.HEAD = CN()
     f.HEAD.CHANNELS = 256  # tower width
     f.HEAD.NUM_CONVS = 6  # DyHead blocks
+    f.HEAD.USE_DFCONV = True  # modulated deformable 3x3 convs (official); False: plain convs
     f.HEAD.GN_GROUPS = 16  # GroupNorm groups after each deformable conv (not Detectron2's 32)
     f.HEAD.PRIOR_PROB = 0.01  # initial token probability (sets bias0)
     f.HEAD.LOG_SCALE = 0.0  # initial log temperature of the region-word logits
@@ -91,8 +92,9 @@ def _add_data_config(cfg: CN) -> None:
     p.SEPARATOR = ". "  # between category names in a detection prompt (DATASETS.SEPARATION_TOKENS)
     p.SHUFFLE = True  # shuffle the all-categories training prompt per sample (not DISABLE_SHUFFLE)
     p.MAX_NEGATIVES = 85  # sampled negative names per sample, sampled-negatives path (RANDOM_SAMPLE_NEG)
-    p.CONTROL_PROB = [0.0, 0.0, 1.0, 0.0]  # (one negative, no negative, all MAX_NEGATIVES, random
-    # count) probabilities of the sampled-negatives path; the 4th "drop positive" mode is upstream's
+    p.CONTROL_PROB = [0.0, 0.0, 1.0, 0.0]  # sampled-negatives path: P(one negative), P(no
+    # negative), P(all MAX_NEGATIVES), P(drop positives; must be 0 as upstream asserts); the rest
+    # of the mass draws a uniform count in 1..MAX_NEGATIVES (spec §7.2 (b))
     p.USE_CAPTION_PROMPT = False  # wrap names with the dataset's caption_prompt metadata (ODinW)
 
 

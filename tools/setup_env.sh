@@ -101,4 +101,7 @@ import torch, torchvision, transformers, tokenizers, timm, pycocotools, lvis
 print(f"    torch {torch.__version__}, torchvision {torchvision.__version__}, detectron2 {detectron2.__version__}, "
       f"transformers {transformers.__version__}, fiber_det {fiber_det.__version__}")
 PYEOF
+# Real photos that may not be vendored (darknet: apt, imgaug's quokka: PyPI); optional, never fatal.
+say "extra: real-photo set (datasets/prepare_real_photos.py)"
+"$PY" "$ROOT/datasets/prepare_real_photos.py" || echo "    skipped (tests need only the vendored photos)"
 echo "[setup_env] done"

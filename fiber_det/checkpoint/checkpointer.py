@@ -41,7 +41,8 @@ class FiberCheckpointer(DetectionCheckpointer):
         allow_missing: prefixes of model keys that may be absent from the file (e.g. a partial
             initialisation such as the converted coarse-grained checkpoint: ``("backbone.fpn",
             "backbone.top_block", "head.", "backbone.bottom_up.vision.norm")``).
-        use_ema: read ``model_ema`` from official files.
+        use_ema: load the ``model_ema`` entry (official files and fiber_det training checkpoints)
+            instead of ``model``; a file without it is an error.
     """
 
     def __init__(self, model, save_dir="", *, allow_missing: Iterable[str] = (), use_ema: bool = False, **kwargs):
@@ -62,6 +63,10 @@ class FiberCheckpointer(DetectionCheckpointer):
             report.raise_if_errors()
             logger.info("converted official FIBER checkpoint %s: %s", filename, report.summary())
             return {"model": sd, "__author__": "official FIBER (converted on load)", "matching_heuristics": False}
+        if self.use_ema:
+            if "model_ema" not in data:
+                raise KeyError(f"{filename}: no 'model_ema' entry to load EMA weights from (keys: {sorted(data)})")
+            return {"model": data["model_ema"]}
         return data if "model" in data else {"model": data}
 
     def _load_model(self, checkpoint):

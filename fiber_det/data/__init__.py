@@ -8,6 +8,7 @@ from .tokenization import (
     positive_map_to_label_tokens,
     tokenize_captions,
 )
+from . import datasets  # noqa: F401,E402  (registers the built-in datasets)
 
 __all__ = [
     "build_detection_prompt",

@@ -39,15 +39,21 @@ class ModulatedDeformConv3x3(DeformConv2d):
 
 
 class Conv3x3Norm(nn.Module):
-    """``conv`` (modulated deformable 3x3) followed by ``bn`` = GroupNorm (upstream name)."""
+    """``conv`` (modulated deformable 3x3, or a plain 3x3 conv without ``deformable``) followed by
+    ``bn`` = GroupNorm (upstream names)."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, gn_groups: int):
+    def __init__(self, in_channels: int, out_channels: int, stride: int, gn_groups: int, deformable: bool = True):
         super().__init__()
-        self.conv = ModulatedDeformConv3x3(in_channels, out_channels, stride)
+        if deformable:
+            self.conv = ModulatedDeformConv3x3(in_channels, out_channels, stride)
+        else:
+            self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
+            nn.init.zeros_(self.conv.bias)
+        self.deformable = deformable
         self.bn = nn.GroupNorm(gn_groups, out_channels)
 
-    def forward(self, x, offset, mask):
-        return self.bn(self.conv(x, offset, mask))
+    def forward(self, x, offset=None, mask=None):
+        return self.bn(self.conv(x, offset, mask) if self.deformable else self.conv(x))
 
 
 class DyReLU(nn.Module):
@@ -96,19 +102,23 @@ class DyConv(nn.Module):
     ``DyConv.0`` / ``.1`` / ``.2`` convolve the coarser (then bilinearly upsampled, align_corners)
     / same / finer (stride 2) level with the same level-l offsets; ``AttnConv`` gives one
     scale-attention scalar per term and image; the weighted mean goes through DyReLU.
+    With ``deformable=False`` (upstream DYHEAD.USE_DFCONV False) the three convs are plain 3x3
+    convs and there is no ``offset`` branch: several times cheaper on CPU, not the released model.
     """
 
-    def __init__(self, channels: int, gn_groups: int):
+    def __init__(self, channels: int, gn_groups: int, deformable: bool = True):
         super().__init__()
         self.DyConv = nn.ModuleList([
-            Conv3x3Norm(channels, channels, 1, gn_groups),
-            Conv3x3Norm(channels, channels, 1, gn_groups),
-            Conv3x3Norm(channels, channels, 2, gn_groups),
+            Conv3x3Norm(channels, channels, 1, gn_groups, deformable),
+            Conv3x3Norm(channels, channels, 1, gn_groups, deformable),
+            Conv3x3Norm(channels, channels, 2, gn_groups, deformable),
         ])
         self.AttnConv = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, 1, 1), nn.ReLU(inplace=True))
         self.h_sigmoid = HSigmoid()
         self.relu = DyReLU(channels)
-        self.offset = nn.Conv2d(channels, 27, kernel_size=3, stride=1, padding=1)  # PyTorch default init
+        self.deformable = deformable
+        if deformable:
+            self.offset = nn.Conv2d(channels, 27, kernel_size=3, stride=1, padding=1)  # PyTorch default init
         nn.init.normal_(self.AttnConv[1].weight, 0, 0.01)
         nn.init.zeros_(self.AttnConv[1].bias)
 
@@ -117,14 +127,18 @@ class DyConv(nn.Module):
         out = []
         last = len(features) - 1
         for level, x in enumerate(features):
-            om = self.offset(x)
-            offset, mask = om[:, :18], om[:, 18:].sigmoid()
+            offset = mask = None
+            if self.deformable:
+                om = self.offset(x)
+                offset, mask = om[:, :18], om[:, 18:].sigmoid()
             terms = [self.DyConv[1](x, offset, mask)]
             if level > 0:
                 terms.append(self.DyConv[2](features[level - 1], offset, mask))
             if level < last:
                 nxt = features[level + 1]
-                off, msk = reinterpret_for_coarser(offset, mask, *nxt.shape[-2:])
+                off = msk = None
+                if self.deformable:
+                    off, msk = reinterpret_for_coarser(offset, mask, *nxt.shape[-2:])
                 coarse = self.DyConv[0](nxt, off, msk)
                 terms.append(F.interpolate(coarse, size=x.shape[-2:], mode="bilinear", align_corners=True))
             stacked = torch.stack(terms)
@@ -136,5 +150,5 @@ class DyConv(nn.Module):
 class DyHeadTower(nn.Sequential):
     """``num_convs`` DyConv blocks applied in sequence to the pyramid."""
 
-    def __init__(self, channels: int, num_convs: int, gn_groups: int):
-        super().__init__(*[DyConv(channels, gn_groups) for _ in range(num_convs)])
+    def __init__(self, channels: int, num_convs: int, gn_groups: int, deformable: bool = True):
+        super().__init__(*[DyConv(channels, gn_groups, deformable) for _ in range(num_convs)])

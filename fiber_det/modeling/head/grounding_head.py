@@ -44,11 +44,12 @@ class FiberHead(nn.Module):
 
     @configurable
     def __init__(self, *, in_channels: int, channels: int, num_convs: int, num_levels: int,
-                 text_dim: int, gn_groups: int = 16, prior_prob: float = 0.01, log_scale: float = 0.0):
+                 text_dim: int, gn_groups: int = 16, prior_prob: float = 0.01, log_scale: float = 0.0,
+                 deformable: bool = True):
         super().__init__()
         if in_channels != channels:
             raise ValueError(f"the DyHead tower needs in_channels == channels ({in_channels} != {channels})")
-        self.dyhead_tower = DyHeadTower(channels, num_convs, gn_groups)
+        self.dyhead_tower = DyHeadTower(channels, num_convs, gn_groups, deformable)
         self.bbox_pred = nn.Conv2d(channels, 4, kernel_size=1)
         self.centerness = nn.Conv2d(channels, 1, kernel_size=1)
         for conv in (self.bbox_pred, self.centerness):
@@ -72,6 +73,7 @@ class FiberHead(nn.Module):
             "gn_groups": h.GN_GROUPS,
             "prior_prob": h.PRIOR_PROB,
             "log_scale": h.LOG_SCALE,
+            "deformable": h.USE_DFCONV,
         }
 
     def token_features(self, embedded: torch.Tensor):

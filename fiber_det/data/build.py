@@ -1,0 +1,88 @@
+"""Training and test data loaders: dataset mixing with copy factors on top of detectron2's loaders.
+
+Sampling, aspect-ratio grouping (h/w < 1 vs >= 1, as the official two groups), distributed
+sharding and list batching are detectron2's (spec §7.1, §7.5); images are zero-padded to a
+multiple of 32 by the model, not here.
+"""
+import logging
+from typing import List, Optional
+
+from detectron2.data import DatasetCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data.build import filter_images_with_only_crowd_annotations
+
+from .mapper import GroundingDatasetMapper
+
+__all__ = ["get_train_dataset_dicts", "build_train_loader", "build_test_loader"]
+
+logger = logging.getLogger(__name__)
+
+
+def _copy_factors(cfg) -> List[int]:
+    names, factors = list(cfg.DATASETS.TRAIN), list(cfg.DATASETS.COPY_FACTORS)
+    if not names:
+        raise ValueError("DATASETS.TRAIN is empty: nothing to train on")
+    if not factors:
+        return [1] * len(names)
+    if len(factors) != len(names):
+        raise ValueError(
+            f"DATASETS.COPY_FACTORS has {len(factors)} entries but DATASETS.TRAIN has {len(names)} "
+            f"({names}); give one factor per dataset or none"
+        )
+    for name, factor in zip(names, factors):
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"DATASETS.COPY_FACTORS: factor of '{name}' must be an int >= 1, got {factor!r}")
+    return factors
+
+
+def get_train_dataset_dicts(cfg) -> List[dict]:
+    """Concatenates the DATASETS.TRAIN datasets, dataset k repeated COPY_FACTORS[k] times.
+
+    Sampling is then uniform over the concatenation (spec §7.5: ``ConcatDataset`` with copy
+    factors). With DATALOADER.FILTER_EMPTY_ANNOTATIONS (detectron2's key, default True), images of
+    *detection* datasets without any non-crowd box are removed, as maskrcnn_benchmark's COCO-style
+    training loader does (``remove_images_without_annotations=is_train``; the spec does not cover
+    this filter). Grounding images are kept whatever they hold; empty ones are left to the
+    trainer's batch skipping (spec §5.5).
+
+    Returns:
+        The list of dataset dicts (repeats are the same dict objects; the mapper copies).
+
+    Raises:
+        ValueError: empty DATASETS.TRAIN, a factor count mismatch, or a dataset with no image.
+        KeyError: a dataset name that is not registered (detectron2's message lists them).
+    """
+    dicts: List[dict] = []
+    for name, factor in zip(cfg.DATASETS.TRAIN, _copy_factors(cfg)):
+        entries = DatasetCatalog.get(name)
+        if not entries:
+            raise ValueError(f"dataset '{name}' (DATASETS.TRAIN) has no image")
+        if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS and all(d.get("task") == "detection" for d in entries):
+            entries = filter_images_with_only_crowd_annotations(entries)
+        logger.info("training set '%s': %d images x %d", name, len(entries), factor)
+        dicts.extend(list(entries) * factor)
+    return dicts
+
+
+def build_train_loader(cfg, mapper: Optional[GroundingDatasetMapper] = None):
+    """detectron2's training loader over :func:`get_train_dataset_dicts` (infinite, batched lists).
+
+    Args:
+        cfg: the config (SOLVER.IMS_PER_BATCH, DATALOADER.* are detectron2's keys).
+        mapper: defaults to ``GroundingDatasetMapper(cfg, is_train=True)``.
+    """
+    if mapper is None:
+        mapper = GroundingDatasetMapper(cfg, True)
+    return build_detection_train_loader(cfg, mapper=mapper, dataset=get_train_dataset_dicts(cfg))
+
+
+def build_test_loader(cfg, dataset_name: str, mapper: Optional[GroundingDatasetMapper] = None):
+    """detectron2's inference loader (one image per batch, inference sampler) for one dataset.
+
+    Args:
+        cfg: the config.
+        dataset_name: a registered dataset.
+        mapper: defaults to ``GroundingDatasetMapper(cfg, is_train=False)``.
+    """
+    if mapper is None:
+        mapper = GroundingDatasetMapper(cfg, False)
+    return build_detection_test_loader(cfg, dataset_name, mapper=mapper)

@@ -1,0 +1,223 @@
+"""FIBER's trainer on Detectron2's engine: official optimiser/schedules, AMP, EMA, guards.
+
+:class:`FiberTrainer` is a :class:`~detectron2.engine.DefaultTrainer` whose pieces come from
+fiber_det (parameter groups and full-model clipping, fractional milestones and epochs, the
+weight-decay schedule, EMA, the grounding data loaders and evaluators, the strict checkpointer)
+and whose step (:class:`FiberTrainStep`) adds what Detectron2's SimpleTrainer/AMPTrainer lack:
+autocast on any device in fp16 or bf16, batch skipping (spec §5.5) and a non-finite-loss guard.
+"""
+import logging
+import time
+import weakref
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
+from detectron2.utils.logger import setup_logger
+
+from ..checkpoint.checkpointer import FiberCheckpointer
+from ..data.build import build_test_loader, build_train_loader, get_train_dataset_dicts
+from ..evaluation import build_evaluator
+from .ema import EMAHook, ModelEMA, swap_to_ema
+from .optimizer import build_optimizer
+from .schedule import WeightDecayScheduleHook, build_lr_scheduler, resolve_max_iter, resolve_milestones
+
+__all__ = ["FiberTrainStep", "FiberTrainer", "resolve_schedule", "amp_dtype_from_cfg"]
+
+logger = logging.getLogger(__name__)
+
+
+def amp_dtype_from_cfg(cfg) -> Optional[torch.dtype]:
+    """None without SOLVER.AMP.ENABLED, else the autocast dtype of SOLVER.AMP.DTYPE."""
+    if not cfg.SOLVER.AMP.ENABLED:
+        return None
+    dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+    if cfg.SOLVER.AMP.DTYPE not in dtypes:
+        raise ValueError(f"SOLVER.AMP.DTYPE must be one of {sorted(dtypes)}, got {cfg.SOLVER.AMP.DTYPE!r}")
+    return dtypes[cfg.SOLVER.AMP.DTYPE]
+
+
+def _all_ranks_agree(flag: bool, device) -> bool:
+    """True if ``flag`` holds on any rank (so that every rank takes the same branch under DDP)."""
+    if comm.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+class FiberTrainStep(SimpleTrainer):
+    """One training iteration: skip mostly-empty batches, autocast, guard non-finite losses.
+
+    Args:
+        model, data_loader, optimizer: as SimpleTrainer (clipping lives in the optimizer's step,
+            so under fp16 it acts on unscaled gradients: GradScaler.step unscales first).
+        amp_dtype: None (fp32), torch.float16 (with a GradScaler) or torch.bfloat16 (no scaler).
+        max_neg_per_batch: skip the batch when all its images, or more than this fraction, have no
+            box (spec §5.5). All ranks skip together (the official per-process skip would stall DDP).
+        nonfinite_patience: a non-finite loss skips the update (weights untouched, logged); this
+            many in a row stop training with FloatingPointError.
+    """
+
+    def __init__(self, model, data_loader, optimizer, *, amp_dtype=None, max_neg_per_batch=0.1,
+                 nonfinite_patience=5):
+        super().__init__(model, data_loader, optimizer)
+        self.amp_dtype = amp_dtype
+        self.device_type = next(model.parameters()).device.type
+        self.scaler = torch.amp.GradScaler(self.device_type) if amp_dtype == torch.float16 else None
+        self.max_neg_per_batch = max_neg_per_batch
+        self.nonfinite_patience = nonfinite_patience
+        self.nonfinite_streak = 0
+
+    def _should_skip(self, data) -> bool:
+        empty = sum(1 for x in data if "instances" in x and len(x["instances"]) == 0)
+        skip = empty == len(data) or empty > self.max_neg_per_batch * len(data)
+        skip = _all_ranks_agree(skip, next(self.model.parameters()).device)
+        if skip:
+            logger.warning(f"iteration {self.iter}: skipped a batch with {empty}/{len(data)} images without boxes")
+            get_event_storage().put_scalar("skipped_batches", 1.0, smoothing_hint=False)
+        return skip
+
+    def run_step(self):
+        assert self.model.training, "[FiberTrainStep] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        if self._should_skip(data):
+            return
+        amp = torch.autocast(self.device_type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+        with amp:
+            loss_dict = self.model(data)
+        losses = sum(loss_dict.values())
+        device = losses.device
+        if _all_ranks_agree(not bool(torch.isfinite(losses).item()), device):
+            self.nonfinite_streak += 1
+            values = {k: float(v.detach()) for k, v in loss_dict.items()}
+            logger.warning(f"iteration {self.iter}: non-finite loss {values}; update skipped "
+                           f"({self.nonfinite_streak}/{self.nonfinite_patience} in a row)")
+            get_event_storage().put_scalar("nonfinite_steps", 1.0, smoothing_hint=False)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.nonfinite_streak >= self.nonfinite_patience:
+                raise FloatingPointError(f"{self.nonfinite_streak} consecutive non-finite losses at "
+                                         f"iteration {self.iter}: {values}")
+            return
+        self.nonfinite_streak = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(losses).backward()
+        else:
+            losses.backward()
+        self._write_metrics(loss_dict, data_time)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["nonfinite_streak"] = self.nonfinite_streak
+        if self.scaler is not None:
+            ret["grad_scaler"] = self.scaler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self.nonfinite_streak = state_dict.get("nonfinite_streak", 0)
+        if self.scaler is not None and "grad_scaler" in state_dict:
+            self.scaler.load_state_dict(state_dict["grad_scaler"])
+
+
+def resolve_schedule(cfg):
+    """Writes the effective SOLVER.MAX_ITER (from MAX_EPOCH) and STEPS (from STEP_FRACTIONS) into
+    ``cfg`` so that every hook, the scheduler and the saved config see the same numbers."""
+    num_images = len(get_train_dataset_dicts(cfg)) if cfg.SOLVER.MAX_EPOCH > 0 else 0
+    max_iter = resolve_max_iter(cfg, num_images)
+    steps = resolve_milestones(cfg, max_iter)
+    was_frozen = cfg.is_frozen()
+    cfg.defrost()
+    cfg.SOLVER.MAX_ITER = int(max_iter)
+    cfg.SOLVER.STEPS = tuple(int(s) for s in steps)
+    cfg.SOLVER.STEP_FRACTIONS = []
+    cfg.SOLVER.MAX_EPOCH = 0
+    if was_frozen:
+        cfg.freeze()
+    return cfg
+
+
+class FiberTrainer(DefaultTrainer):
+    """DefaultTrainer with fiber_det's optimiser, schedules, data, evaluators, EMA and checkpointer.
+
+    ``cfg`` should have gone through :func:`resolve_schedule` (tools/train_net.py does it).
+    """
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        self.ema = ModelEMA(model, cfg.MODEL.EMA.DECAY) if cfg.MODEL.EMA.ENABLED else None
+        model = create_ddp_model(model, broadcast_buffers=False, find_unused_parameters=False)
+        self._trainer = FiberTrainStep(
+            model, data_loader, optimizer, amp_dtype=amp_dtype_from_cfg(cfg),
+            max_neg_per_batch=cfg.SOLVER.MAX_NEG_PER_BATCH, nonfinite_patience=cfg.SOLVER.NONFINITE_PATIENCE,
+        )
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        extra = {"model_ema": self.ema} if self.ema is not None else {}
+        self.checkpointer = FiberCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **extra)
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        # EMA and weight-decay updates go right after the LR scheduler, before the checkpointer
+        # and the evaluation, so both see the updated averages.
+        position = next(i for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler)) + 1
+        extra = []
+        if self.ema is not None:
+            extra.append(EMAHook(self.ema))
+        if self.cfg.SOLVER.WEIGHT_DECAY_SCHEDULE:
+            extra.append(WeightDecayScheduleHook(
+                self.cfg.SOLVER.STEPS, self.cfg.SOLVER.WEIGHT_DECAY_SCHEDULE_RATIO, self.cfg.SOLVER.GAMMA))
+        ret[position:position] = extra
+        if self.ema is not None and self.cfg.MODEL.EMA.USE_FOR_EVAL:
+            for h in ret:
+                if isinstance(h, hooks.EvalHook):
+                    h._func = self._eval_with_ema(h._func)
+        return ret
+
+    def _eval_with_ema(self, func):
+        def run():
+            with swap_to_ema(self.model, self.ema):
+                return func()
+        return run
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_lr_scheduler(cfg, optimizer, cfg.SOLVER.MAX_ITER)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return build_evaluator(cfg, dataset_name, output_folder)

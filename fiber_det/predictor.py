@@ -1,0 +1,376 @@
+"""Batched inference for people: images plus captions, phrases or category names -> detections.
+
+    predictor = FIBERPredictor.from_checkpoint("configs/...yaml", "model.pth")
+    result = predictor("photo.jpg", {"caption": "a cat on a mat", "phrases": ["a cat", "a mat"]})
+    results = predictor(["a.jpg", "b.jpg"], ["cat", "dog", "kite"], batch_size=2)
+
+Prompts (one shared by all images, or a list with one per image):
+  * a caption with phrases: ``{"caption": str, "phrases": [substring | [start, end), ...]}``;
+    a substring resolves to its FIRST occurrence (give a span for a later one); label k + 1 is
+    phrase k;
+  * free text: a ``str`` or ``{"caption": str}``: the phrases are found by
+    :func:`fiber_det.data.phrases.caption_phrases` (noun phrases of the optional TextBlob tagger,
+    else the whole caption plus its comma / "and"-separated parts);
+  * category names: a list of strings (label k + 1 is name k). A vocabulary whose prompt exceeds
+    MODEL.FIBER.TEXT.MAX_QUERY_LEN tokens (or any, with TEST.CHUNK_SIZE > 0) is split into chunk
+    prompts that the model runs and concatenates; the predictor then applies class-aware NMS
+    across chunks (``torchvision.ops.batched_nms`` at MODEL.FIBER.ATSS.NMS_TH, plain IoU: a
+    no-op, since every label lives in one chunk, kept so the merge needs no such assumption) and
+    keeps the TEST.DETECTIONS_PER_IMAGE best (exactly that many, not upstream's tie-keeping k-th
+    value rule).
+A list of strings is always a shared vocabulary; a list holding dicts or lists is per image (its
+strings are then captions), so per-image captions are best given as ``{"caption": ...}`` dicts.
+
+Bad input for one image (unreadable file, empty caption, a phrase not in the caption, ...) gives
+that image's :class:`ImageResult` an ``error`` naming it; the other images still complete.
+"""
+import logging
+import numbers
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.ops import batched_nms
+
+from detectron2.config import get_cfg
+from detectron2.data import detection_utils
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
+from detectron2.structures import Instances
+
+from .checkpoint.checkpointer import FiberCheckpointer
+from .config import add_fiber_config
+from .data.phrases import caption_phrases, phrase_spans
+from .data.prompts import build_label_to_tokens, chunk_category_prompts
+from .data.transforms import build_transforms
+
+__all__ = ["Detection", "ImageResult", "FIBERPredictor"]
+
+logger = logging.getLogger(__name__)
+
+_AMP_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Detection:
+    """One detection in the original image frame.
+
+    Attributes:
+        box: [x1, y1, x2, y2] in original pixels.
+        score: confidence in [0, 1].
+        label: 1-based phrase / category label.
+        phrase: the phrase text (caption prompts) or the category name as given.
+        span: [start, end) of the phrase in the caption; None for category names.
+    """
+
+    box: List[float]
+    score: float
+    label: int
+    phrase: str
+    span: Optional[List[int]]
+
+
+@dataclass
+class ImageResult:
+    """The detections of one image, or the error that stopped it.
+
+    Attributes:
+        name: the image's path, or "image <index>" for in-memory images.
+        height, width: original size (0 when the image could not be read).
+        caption: the grounding caption; None for category prompts.
+        detections: sorted by descending score.
+        error: why this image has no result ("<name>: <reason>"), else None.
+        instances: the model's raw output (CPU Instances), None on error.
+    """
+
+    name: str
+    height: int = 0
+    width: int = 0
+    caption: Optional[str] = None
+    detections: List[Detection] = field(default_factory=list)
+    error: Optional[str] = None
+    instances: Optional[Instances] = field(default=None, repr=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready dict (no ``instances``)."""
+        return {"name": self.name, "height": self.height, "width": self.width, "caption": self.caption,
+                "detections": [asdict(d) for d in self.detections], "error": self.error}
+
+
+class _ImageError(ValueError):
+    """Bad input for one image; the message already names it."""
+
+
+class FIBERPredictor:
+    """Builds a FIBER model from a config and runs it on images with text prompts.
+
+    Args:
+        cfg: a fiber-det config; MODEL.WEIGHTS (if set) is loaded with FiberCheckpointer (strict;
+            official FIBER checkpoints are converted on the fly), MODEL.DEVICE picks the device.
+        amp_dtype: None (fp32) or torch.float16 / torch.bfloat16 (or their names) for autocast.
+        batch_size: default images per forward. 1 by default: images of different resized sizes
+            are zero-padded to a common size in a batch, which changes the features near their
+            borders, so batched results equal single-image ones only for equal resized sizes.
+    """
+
+    def __init__(self, cfg, *, amp_dtype=None, batch_size: int = 1):
+        self.amp_dtype = _amp_dtype(amp_dtype)
+        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.cfg = cfg.clone()
+        self.model = build_model(self.cfg)
+        self.model.eval()
+        if self.cfg.MODEL.WEIGHTS:
+            FiberCheckpointer(self.model).load(self.cfg.MODEL.WEIGHTS)
+        else:
+            logger.warning("MODEL.WEIGHTS is empty: the predictor runs a randomly initialised model")
+        if self.model.tokenizer is None:
+            raise ValueError("MODEL.FIBER.TEXT.TOKENIZER is empty: the predictor needs a tokenizer")
+        self.augmentations = T.AugmentationList(build_transforms(self.cfg, is_train=False))
+        self.max_query_len = self.cfg.MODEL.FIBER.TEXT.MAX_QUERY_LEN
+        self.chunk_size = self.cfg.TEST.CHUNK_SIZE
+        self.separator = self.cfg.DATASETS.PROMPT.SEPARATOR
+        self.nms_threshold = self.cfg.MODEL.FIBER.ATSS.NMS_TH
+        self.detections_per_image = self.cfg.TEST.DETECTIONS_PER_IMAGE
+
+    @classmethod
+    def from_checkpoint(cls, config_file, weights: Optional[str] = None, opts: Optional[Sequence[str]] = None,
+                        device: Optional[str] = None, **kwargs) -> "FIBERPredictor":
+        """A predictor from a yaml file, a checkpoint (None: the config's MODEL.WEIGHTS), a
+        ``[KEY, VALUE, ...]`` override list and a device ("cpu", "cuda", ...; None: MODEL.DEVICE).
+        Other keyword arguments go to the constructor."""
+        cfg = add_fiber_config(get_cfg())
+        cfg.merge_from_file(str(config_file))
+        cfg.merge_from_list(list(opts or []))
+        if weights is not None:
+            cfg.MODEL.WEIGHTS = str(weights)
+        if device is not None:
+            cfg.MODEL.DEVICE = str(device)
+        cfg.freeze()
+        return cls(cfg, **kwargs)
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    def __call__(self, images, prompts, *, input_format: str = "BGR", batch_size: Optional[int] = None):
+        """Detects the prompts' phrases in the images.
+
+        Args:
+            images: one image or a list; each a path, a PIL image (read as RGB; EXIF orientation
+                applied, as for paths) or an (H, W, 3) / (H, W) uint8 numpy array in
+                ``input_format``.
+            prompts: one prompt for all images, or a list with one per image (see module doc).
+            input_format: "BGR" or "RGB", the channel order of numpy inputs.
+            batch_size: images per forward (default: the constructor's).
+
+        Returns:
+            An :class:`ImageResult` for a single image, else a list of them in input order.
+        """
+        if input_format not in ("BGR", "RGB"):
+            raise ValueError(f"input_format must be 'BGR' or 'RGB', got {input_format!r}")
+        batch_size = self.batch_size if batch_size is None else _positive_int(batch_size, "batch_size")
+        single = _is_single_image(images)
+        images = [images] if single else list(images)
+        per_image = _prompts_per_image(prompts, len(images))
+        results, pending, prepared = [], [], {}
+        for index, (image, prompt) in enumerate(zip(images, per_image)):
+            result = ImageResult(name=_image_name(image, index))
+            results.append(result)
+            try:
+                # a shared prompt (one object) is tokenised / chunked once, not once per image
+                if id(prompt) not in prepared:
+                    prepared[id(prompt)] = _try(self._prompt_fields, prompt)
+                pending.append((result, self._prepare(result, image, prepared[id(prompt)], input_format)))
+            except _ImageError as e:
+                result.error = str(e)
+        for start in range(0, len(pending), batch_size):
+            self._run_batch(pending[start:start + batch_size])
+        return results[0] if single else results
+
+    # ---- inputs ----
+    def _prepare(self, result: ImageResult, image, fields, input_format: str) -> dict:
+        """The model input of one image from its prompt fields (or the prompt's error); fills
+        ``result``'s size and caption."""
+        bgr = _read_bgr(image, input_format, result.name)
+        result.height, result.width = bgr.shape[:2]
+        if isinstance(fields, Exception):
+            raise _ImageError(f"{result.name}: {fields}")
+        result.caption = fields["_caption"]
+        aug = T.AugInput(bgr)
+        self.augmentations(aug)
+        tensor = torch.as_tensor(np.ascontiguousarray(aug.image.transpose(2, 0, 1)))
+        return {"image": tensor, "height": result.height, "width": result.width, **fields}
+
+    def _prompt_fields(self, prompt) -> dict:
+        """Model prompt fields of one prompt plus "_caption", "_spans" ({label: span}) and
+        "_chunked" (bookkeeping the predictor removes before the forward)."""
+        if isinstance(prompt, str):
+            prompt = {"caption": prompt}
+        if isinstance(prompt, dict):
+            return self._caption_fields(prompt)
+        if isinstance(prompt, (list, tuple)):
+            return self._category_fields(prompt)
+        raise TypeError(f"a prompt must be a caption str, a {{'caption', 'phrases'}} dict or a list of "
+                        f"category names, got {type(prompt).__name__}")
+
+    def _caption_fields(self, prompt: dict) -> dict:
+        unknown = set(prompt) - {"caption", "phrases"}
+        if unknown:
+            raise ValueError(f"unknown prompt key(s) {sorted(unknown)}; expected 'caption' and optional 'phrases'")
+        caption = prompt.get("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError(f"caption {caption!r} is empty: nothing to ground")
+        phrases = prompt.get("phrases")
+        spans = caption_phrases(caption) if phrases is None else phrase_spans(caption, phrases)
+        label_spans = {k + 1: [list(s)] for k, s in enumerate(spans)}
+        label_to_tokens = build_label_to_tokens(self.tokenizer, caption, label_spans)
+        for label, tokens in label_to_tokens.items():
+            if max(tokens) >= self.max_query_len:
+                s, e = spans[label - 1]
+                raise ValueError(
+                    f"phrase {caption[s:e]!r} [{s}, {e}) lies past the first {self.max_query_len} tokens, where "
+                    "the caption is cut (MODEL.FIBER.TEXT.MAX_QUERY_LEN); shorten the caption"
+                )
+        return {
+            "caption": caption, "label_to_tokens": label_to_tokens,
+            "label_names": {k + 1: caption[s:e] for k, (s, e) in enumerate(spans)},
+            "_caption": caption, "_spans": {k + 1: [s, e] for k, (s, e) in enumerate(spans)}, "_chunked": False,
+        }
+
+    def _category_fields(self, names: Sequence[str]) -> dict:
+        if len(names) == 0:
+            raise ValueError("the category list is empty: nothing to detect")
+        for k, name in enumerate(names):
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"category {k} ({name!r}) must be a non-empty string")
+        chunks = chunk_category_prompts(
+            list(names), self.tokenizer, self.chunk_size, self.max_query_len, self.separator
+        )
+        prompts = [{"caption": c["caption"], "label_names": c["label_names"],
+                    "label_to_tokens": build_label_to_tokens(self.tokenizer, c["caption"], c["label_spans"])}
+                   for c in chunks]
+        fields = {"prompts": prompts} if len(prompts) > 1 else dict(prompts[0])
+        return {**fields, "_caption": None, "_spans": {}, "_chunked": len(prompts) > 1}
+
+    # ---- forward ----
+    def _run_batch(self, batch) -> None:
+        """Runs one batch; if the model rejects it, each image alone so one bad input cannot fail
+        the others."""
+        inputs = [{k: v for k, v in x.items() if not k.startswith("_")} for _, x in batch]
+        try:
+            outputs = self._forward(inputs)
+        except ValueError as e:
+            if len(batch) > 1:
+                for item in batch:
+                    self._run_batch([item])
+                return
+            batch[0][0].error = f"{batch[0][0].name}: {e}"
+            return
+        for (result, x), out in zip(batch, outputs):
+            inst = out["instances"].to("cpu")
+            inst.pred_boxes.tensor = inst.pred_boxes.tensor.float()
+            inst.scores = inst.scores.float()
+            if x["_chunked"]:
+                inst = self._merge_chunks(inst)
+            result.instances = inst
+            result.detections = _detections(inst, x["_spans"])
+
+    def _forward(self, inputs: List[dict]) -> List[dict]:
+        amp = nullcontext() if self.amp_dtype is None else torch.autocast(self.model.device.type, self.amp_dtype)
+        with torch.no_grad(), amp:
+            return self.model(inputs)
+
+    def _merge_chunks(self, inst: Instances) -> Instances:
+        """Class-aware NMS across chunk detections, then the per-image cap."""
+        keep = batched_nms(inst.pred_boxes.tensor, inst.scores, inst.pred_labels, self.nms_threshold)
+        if self.detections_per_image > 0:
+            keep = keep[: self.detections_per_image]
+        return _take(inst, keep)
+
+
+def _detections(inst: Instances, spans: Dict[int, List[int]]) -> List[Detection]:
+    boxes, scores, labels = inst.pred_boxes.tensor.tolist(), inst.scores.tolist(), inst.pred_labels.tolist()
+    phrases = inst.pred_phrases if inst.has("pred_phrases") else [""] * len(inst)
+    return [Detection(box=b, score=s, label=int(lab), phrase=p, span=spans.get(int(lab)))
+            for b, s, lab, p in zip(boxes, scores, labels, phrases)]
+
+
+def _try(fn, *args):
+    """``fn(*args)``, or the ValueError / TypeError it raised (a per-image error, reported later)."""
+    try:
+        return fn(*args)
+    except (ValueError, TypeError) as e:
+        return e
+
+
+def _take(inst: Instances, index: torch.Tensor) -> Instances:
+    """``inst[index]`` that also indexes list fields (``pred_phrases``), which Instances cannot."""
+    out = Instances(inst.image_size)
+    for k, v in inst.get_fields().items():
+        out.set(k, [v[j] for j in index.tolist()] if isinstance(v, list) else v[index])
+    return out
+
+
+def _read_bgr(image, input_format: str, name: str) -> np.ndarray:
+    """(H, W, 3) uint8 BGR array of a path, PIL image or numpy array; _ImageError naming it."""
+    if isinstance(image, (str, Path)):
+        try:
+            return detection_utils.read_image(str(image), format="BGR")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise _ImageError(f"{name}: cannot read the image ({type(e).__name__}: {e})") from e
+    if isinstance(image, Image.Image):
+        return detection_utils.convert_PIL_to_numpy(ImageOps.exif_transpose(image), "BGR")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise _ImageError(f"{name}: numpy images must be uint8 (H, W, 3), got dtype {image.dtype}")
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
+            raise _ImageError(f"{name}: numpy images must be (H, W, 3) or (H, W), got shape {image.shape}")
+        return np.ascontiguousarray(image[:, :, ::-1] if input_format == "RGB" else image)
+    raise _ImageError(f"{name}: unsupported image type {type(image).__name__} (path, PIL image or numpy array)")
+
+
+def _is_single_image(images) -> bool:
+    return isinstance(images, (str, Path, Image.Image, np.ndarray))
+
+
+def _image_name(image, index: int) -> str:
+    return str(image) if isinstance(image, (str, Path)) else f"image {index}"
+
+
+def _prompts_per_image(prompts, num_images: int) -> list:
+    """One prompt per image: a str, a dict or a list of str is shared; another list is per image."""
+    shared = isinstance(prompts, (str, dict)) or (
+        isinstance(prompts, (list, tuple)) and len(prompts) > 0 and all(isinstance(p, str) for p in prompts)
+    )
+    if shared:
+        return [prompts] * num_images
+    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+        raise ValueError(f"prompts must be a caption, a dict, a list of category names or a list with one prompt "
+                         f"per image, got {prompts!r}")
+    if len(prompts) != num_images:
+        raise ValueError(f"{len(prompts)} per-image prompts for {num_images} image(s)")
+    return list(prompts)
+
+
+def _amp_dtype(amp_dtype) -> Optional[torch.dtype]:
+    if amp_dtype is None or amp_dtype in (torch.float16, torch.bfloat16):
+        return amp_dtype
+    if isinstance(amp_dtype, str) and amp_dtype.lower() in _AMP_DTYPES:
+        return _AMP_DTYPES[amp_dtype.lower()]
+    raise ValueError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, got {amp_dtype!r}")
+
+
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+    return int(value)

@@ -1,0 +1,90 @@
+"""Training-set mixing (copy factors, empty-image filter) and the loaders on the real-photo set,
+ending in the tiny model (the mapper output is a valid model input)."""
+import uuid
+
+import pytest
+import torch
+
+import fiber_det.data.datasets.real_photos  # noqa: F401  (registers real_photos_*)
+from conftest import tiny_cfg, tiny_model
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import BoxMode
+from fiber_det.data.build import build_test_loader, build_train_loader, get_train_dataset_dicts
+
+
+def _entry(image_id, task, anns):
+    return {"file_name": f"/x/{image_id}.jpg", "height": 10, "width": 10, "image_id": image_id, "task": task,
+            "dataset": "d", "annotations": anns, **({"caption": "a cat"} if task == "grounding" else {})}
+
+
+def _box(iscrowd=0):
+    return {"bbox": [1, 1, 5, 5], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0, "iscrowd": iscrowd}
+
+
+@pytest.fixture
+def two_datasets():
+    det = [_entry(1, "detection", [_box()]), _entry(2, "detection", []), _entry(3, "detection", [_box(1)])]
+    grd = [_entry(10, "grounding", [{**_box(), "tokens_positive": [[2, 5]]}]), _entry(11, "grounding", [])]
+    names = [f"test_build_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("det", "grd")]
+    for name, dicts in zip(names, (det, grd)):
+        DatasetCatalog.register(name, lambda dicts=dicts: dicts)
+    yield names
+    for name in names:
+        DatasetCatalog.remove(name)
+        if name in MetadataCatalog.list():
+            MetadataCatalog.remove(name)
+
+
+def test_copy_factors_and_detection_only_empty_filter(two_datasets):
+    det, grd = two_datasets
+    dicts = get_train_dataset_dicts(tiny_cfg(DATASETS__TRAIN=(det, grd), DATASETS__COPY_FACTORS=[3, 2]))
+    # detection: only image 1 has a non-crowd box; grounding keeps its empty image
+    assert [d["image_id"] for d in dicts] == [1, 1, 1, 10, 11, 10, 11]
+    cfg = tiny_cfg(DATASETS__TRAIN=(det, grd), DATALOADER__FILTER_EMPTY_ANNOTATIONS=False)
+    unfiltered = get_train_dataset_dicts(cfg)
+    assert [d["image_id"] for d in unfiltered] == [1, 2, 3, 10, 11]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"DATASETS__COPY_FACTORS": [1]}, "COPY_FACTORS has 1 entries but DATASETS.TRAIN has 2"),
+        ({"DATASETS__COPY_FACTORS": [1, 0]}, "must be an int >= 1"),
+    ],
+)
+def test_copy_factor_errors(two_datasets, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        get_train_dataset_dicts(tiny_cfg(DATASETS__TRAIN=tuple(two_datasets), **overrides))
+
+
+def test_empty_train_list_is_an_error():
+    with pytest.raises(ValueError, match="DATASETS.TRAIN is empty"):
+        get_train_dataset_dicts(tiny_cfg(DATASETS__TRAIN=()))
+
+
+def test_loaders_feed_the_tiny_model():
+    cfg = tiny_cfg(DATASETS__TRAIN=("real_photos_grounding", "real_photos_detection"), SOLVER__IMS_PER_BATCH=2,
+                   DATALOADER__NUM_WORKERS=0, INPUT__FLIP_PROB=0.5)
+    batch = next(iter(build_train_loader(cfg)))
+    assert len(batch) == 2
+    for x in batch:
+        assert x["image"].dtype == torch.uint8 and min(x["image"].shape[1:]) in (96, 128)
+        inst = x["instances"]
+        assert len(inst) > 0 and inst.gt_positive_map.shape == (len(inst), 64)
+        assert (inst.gt_positive_map.sum(1) > 0).all()  # every box points at some token
+    model = tiny_model()
+    model.train()
+    losses = model(batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+
+    test_batch = next(iter(build_test_loader(cfg, "real_photos_grounding")))
+    assert len(test_batch) == 1 and "label_spans" in test_batch[0] and "instances" not in test_batch[0]
+    assert max(test_batch[0]["image"].shape[1:]) <= 192  # MAX_SIZE_TEST
+    model.eval()
+    with torch.no_grad():
+        (result,) = model(test_batch)
+    assert result["instances"].image_size == (test_batch[0]["height"], test_batch[0]["width"])
+
+    chunked = tiny_cfg(DATALOADER__NUM_WORKERS=0, TEST__CHUNK_SIZE=8)
+    (x,) = next(iter(build_test_loader(chunked, "real_photos_detection")))
+    assert [len(p["label_spans"]) for p in x["prompts"]] == [8, 8, 4]  # 20 categories

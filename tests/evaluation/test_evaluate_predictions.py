@@ -1,0 +1,118 @@
+"""tools/evaluate_predictions.py re-scores the evaluators' dumps to the same numbers."""
+import importlib.util
+import json
+import math
+
+import pytest
+import test_coco as coco_cases
+import test_flickr as flickr_cases
+import test_lvis as lvis_cases
+import test_refexp as refexp_cases
+from conftest import REPO
+from test_flickr import flickr_root  # noqa: F401  (fixture)
+
+from fiber_det.evaluation import FlickrRecallEvaluator, LVISFixedAPEvaluator, PromptedCOCOEvaluator, RefExpEvaluator
+from fiber_det.evaluation.coco import COCO_RESULTS_FILE
+from fiber_det.evaluation.flickr import FLICKR_PREDICTIONS_FILE
+from fiber_det.evaluation.lvis import LVIS_RESULTS_FILE
+from fiber_det.evaluation.refexp import REFEXP_PREDICTIONS_FILE
+
+
+@pytest.fixture(scope="module")
+def tool():
+    spec = importlib.util.spec_from_file_location("evaluate_predictions", REPO / "tools" / "evaluate_predictions.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_same(a, b):
+    assert list(a) == list(b)
+    for task in a:
+        assert list(a[task]) == list(b[task]), task
+        for key, value in a[task].items():
+            assert (math.isnan(value) and math.isnan(b[task][key])) or value == b[task][key], (task, key)
+
+
+def test_coco(tool, tmp_path):
+    name = coco_cases.register_json(tmp_path, coco_cases.COCO_GT, "coco", thing_classes=["cat", "dog"],
+                                   thing_dataset_id_to_contiguous_id={1: 0, 3: 1})
+    preds = coco_cases.perfect_predictions()
+    preds[2] = coco_cases.make_instances([[0, 0, 30, 39]], [0.7], [1])  # IoU 0.78: AP below 100
+    out = tmp_path / "out"
+    expected = coco_cases.run(PromptedCOCOEvaluator(name, output_dir=str(out), distributed=False), preds)
+    assert expected["bbox"]["AP"] < 100
+    metrics = tmp_path / "metrics.json"
+    results = tool.main(["--task", "coco", "--gt", str(tmp_path / "coco_gt.json"),
+                         "--predictions", str(out / COCO_RESULTS_FILE), "--output", str(metrics)])
+    assert_same(results, expected)
+    assert json.loads(metrics.read_text())["bbox"]["AP"] == pytest.approx(expected["bbox"]["AP"])
+
+
+def test_lvis(tool, tmp_path):
+    name = lvis_cases.register_json(tmp_path, lvis_cases.LVIS_GT, "lvis", thing_classes=["apple", "bowl", "cup"],
+                                   thing_dataset_id_to_contiguous_id={1: 0, 2: 1, 5: 2})
+    preds = lvis_cases.predictions()
+    preds[1] = coco_cases.make_instances([[50, 50, 60, 60], [40, 40, 70, 80]], [0.9, 0.85], [1, 2])
+    out = tmp_path / "out"
+    evaluator = LVISFixedAPEvaluator(name, topk=1, output_dir=str(out), distributed=False)
+    expected = {"bbox": lvis_cases.run(evaluator, preds)}
+    assert expected["bbox"]["AP"] < 100
+    results = tool.main(["--task", "lvis", "--gt", str(tmp_path / "lvis_gt.json"),
+                         "--predictions", str(out / LVIS_RESULTS_FILE)])
+    assert_same(results, expected)
+
+
+@pytest.mark.parametrize("with_root", [True, False])
+def test_flickr(tool, tmp_path, flickr_root, with_root):
+    root = str(flickr_root) if with_root else None
+    out = tmp_path / "out"
+    expected = {"grounding": flickr_cases.run(
+        FlickrRecallEvaluator("flickr_test", gt_type="merged", annotations_root=root, output_dir=str(out),
+                              distributed=False))}
+    gt = tmp_path / "flickr.json"
+    gt.write_text(json.dumps(flickr_cases.FLICKR_JSON))
+    argv = ["--task", "flickr", "--gt", str(gt), "--predictions", str(out / FLICKR_PREDICTIONS_FILE)]
+    results = tool.main(argv + (["--annotations-root", root] if root else []))
+    assert_same(results, expected)
+    assert results["grounding"]["R@10"] == 25  # the MERGED headline stored in the dump
+
+
+def test_refexp(tool, tmp_path):
+    out = tmp_path / "out"
+    expected = {"refexp": refexp_cases.run(RefExpEvaluator("refcoco_val", output_dir=str(out), distributed=False))}
+    gt = tmp_path / "refcoco.json"
+    gt.write_text(json.dumps(refexp_cases.REFEXP_JSON))
+    results = tool.main(["--task", "refexp", "--gt", str(gt), "--predictions", str(out / REFEXP_PREDICTIONS_FILE)])
+    assert_same(results, expected)
+
+
+def test_unknown_ids_and_wrong_files(tool, tmp_path):
+    gt = tmp_path / "refcoco.json"
+    gt.write_text(json.dumps(refexp_cases.REFEXP_JSON))
+    dump = tmp_path / "dump.json"
+    dump.write_text(json.dumps({"task": "refexp", "predictions": [
+        {"image_id": 999, "dataset_name": "refcoco", "boxes": [], "scores": []}]}))
+    with pytest.raises(ValueError, match="not in"):
+        tool.main(["--task", "refexp", "--gt", str(gt), "--predictions", str(dump)])
+    with pytest.raises(ValueError, match="flickr evaluator dump"):
+        tool.main(["--task", "flickr", "--gt", str(gt), "--predictions", str(dump)])
+
+
+def test_help_documents_the_formats(tool, capsys):
+    with pytest.raises(SystemExit):
+        tool.main(["--help"])
+    text = capsys.readouterr().out
+    for name in (COCO_RESULTS_FILE, LVIS_RESULTS_FILE, FLICKR_PREDICTIONS_FILE, REFEXP_PREDICTIONS_FILE):
+        assert name in text
+
+
+def test_only_the_dumped_entries_are_scored(tool, tmp_path):
+    gt = tmp_path / "refcoco.json"
+    gt.write_text(json.dumps(refexp_cases.REFEXP_JSON))
+    dump = tmp_path / "dump.json"
+    dump.write_text(json.dumps({"task": "refexp", "predictions": [
+        {"image_id": 6, "dataset_name": "refcoco+", "boxes": [[5, 5, 35, 45]], "scores": [0.8]}]}))
+    results = tool.main(["--task", "refexp", "--gt", str(gt), "--predictions", str(dump)])
+    assert set(results["refexp"]) == {f"refcoco+_{c}@{k}" for c in ("P", "IoU_P") for k in (1, 5, 10)}
+    assert set(results["refexp"].values()) == {100.0}

@@ -1,0 +1,158 @@
+"""Re-score the predictions that fiber_det's evaluators dump, without a model.
+
+    python tools/evaluate_predictions.py --task coco --gt instances_val2017.json \\
+        --predictions output/inference/coco_val/coco_instances_results.json [--output metrics.json]
+    python tools/evaluate_predictions.py --task lvis --gt lvis_v1_minival.json \\
+        --predictions output/inference/lvis_minival/lvis_instances_results.json
+    python tools/evaluate_predictions.py --task flickr --gt final_flickr_separateGT_val.json \\
+        --predictions output/inference/flickr_val/flickr_predictions.json [--annotations-root flickr30k]
+    python tools/evaluate_predictions.py --task refexp --gt finetune_refcoco_val.json \\
+        --predictions output/inference/refcoco_val/refexp_predictions.json
+
+The scoring is the evaluators' own (fiber_det.evaluation), so the numbers equal those printed at
+the end of the evaluation run. Results are printed as json and as Detectron2 "copypaste:" lines.
+
+File formats (--predictions), as written to the evaluator's output folder:
+  coco    coco_instances_results.json: COCO result list [{"image_id", "category_id" (json id),
+          "bbox": [x, y, w, h], "score"}]; w = x2 - x1 + 1 when TEST.COCO_BOX_PLUS_ONE (default).
+          --gt: the COCO-format json with annotations.
+  lvis    lvis_instances_results.json: the same list with LVIS category ids and w = x2 - x1, already
+          reduced to the FixedAP selection (top --lvis-topk per category, non-zero area); the
+          selection is applied again (a no-op on this file). --gt: the LVIS json.
+  flickr  flickr_predictions.json: {"task": "flickr", "flickr_gt_type": "separate" | "merged",
+          "predictions": [{"image_id", "original_img_id", "sentence_id", "boxes": [[x1, y1, x2, y2]],
+          "scores": [...], "labels": [...] (1-based phrase index in tokens_positive_eval)}]}.
+          --gt: the MDETR json (final_flickr_{separate,merged}GT_*.json); with --annotations-root
+          (folder with Annotations/*.xml and Sentences/*.txt) the GT boxes and phrase types come
+          from the official Flickr30k Entities files, else from the json's boxes.
+  refexp  refexp_predictions.json: {"task": "refexp", "predictions": [{"image_id", "dataset_name",
+          "boxes": [[x1, y1, x2, y2]], "scores": [...]}]}. --gt: the MDETR json
+          (finetune_refcoco*_{split}.json).
+For flickr and refexp the entries of the predictions file are scored (an entry without boxes is a
+miss); json entries absent from the file are reported and left out, ids absent from the json fail.
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import fiber_det  # noqa: E402,F401  (compat fixes)
+from detectron2.data import MetadataCatalog  # noqa: E402
+from detectron2.evaluation import print_csv_format  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
+from fiber_det.evaluation.coco import PromptedCOCOEvaluator  # noqa: E402
+from fiber_det.evaluation.flickr import GT_TYPES, flickr_gt_entry, score_flickr  # noqa: E402
+from fiber_det.evaluation.lvis import LVISFixedAPEvaluator  # noqa: E402
+from fiber_det.evaluation.refexp import refexp_gt_entry, score_refexp  # noqa: E402
+
+logger = logging.getLogger("fiber_det.evaluate_predictions")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", required=True, choices=("coco", "lvis", "flickr", "refexp"))
+    parser.add_argument("--gt", required=True, help="ground-truth json (see the file formats above)")
+    parser.add_argument("--predictions", required=True, help="the file the evaluator dumped")
+    parser.add_argument("--annotations-root", default=None,
+                        help="flickr: Flickr30k Entities folder with Annotations/ and Sentences/")
+    parser.add_argument("--flickr-gt-type", default=None, choices=sorted(GT_TYPES),
+                        help="flickr: headline protocol (default: the one stored in the predictions file)")
+    parser.add_argument("--lvis-topk", type=int, default=10000,
+                        help="lvis: detections kept per category (TEST.LVIS_TOPK_PER_CATEGORY)")
+    parser.add_argument("--output", default=None, help="write the metrics to this json file")
+    return parser.parse_args(argv)
+
+
+def _load_json(path: str, what: str):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid json ({e})") from e
+
+
+def _json_dataset(task: str, gt: str) -> str:
+    """A MetadataCatalog entry naming the bare json, so the evaluator classes can be built."""
+    name = f"__evaluate_predictions_{task}__{os.path.abspath(gt)}"
+    meta = MetadataCatalog.get(name)
+    if meta.get("json_file") is None:
+        meta.set(json_file=os.path.abspath(gt), evaluator_type=task)
+    return name
+
+
+def _result_list(predictions, path: str) -> List[dict]:
+    keys = {"image_id", "category_id", "bbox", "score"}
+    if not isinstance(predictions, list) or not all(isinstance(p, dict) and keys <= set(p) for p in predictions):
+        raise ValueError(f"{path}: expected a list of {{{', '.join(sorted(keys))}}} results")
+    return predictions
+
+
+def _grounding_dump(data, path: str, task: str) -> List[dict]:
+    if not isinstance(data, dict) or data.get("task") != task or not isinstance(data.get("predictions"), list):
+        raise ValueError(f"{path}: expected {{\"task\": \"{task}\", \"predictions\": [...]}} (a {task} evaluator dump)")
+    return data["predictions"]
+
+
+def _mdetr_entries(gt: str, predictions: List[dict]) -> List[dict]:
+    """The json images (with their annotations attached) that have an entry in ``predictions``."""
+    data = _load_json(gt, "ground-truth json")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(f"{gt}: expected a COCO-style json with an 'images' list")
+    annotations: Dict[object, list] = {img["id"]: [] for img in data["images"]}
+    for ann in data.get("annotations", []):
+        if ann.get("image_id") not in annotations:
+            raise ValueError(f"{gt}: annotation {ann.get('id')} refers to unknown image {ann.get('image_id')!r}")
+        annotations[ann["image_id"]].append(ann)
+    predicted = {p["image_id"] for p in predictions}
+    unknown = sorted(predicted - set(annotations), key=str)
+    if unknown:
+        raise ValueError(f"{len(unknown)} predicted image id(s) are not in {gt}, e.g. {unknown[:5]}")
+    missing = len(annotations) - len(predicted)
+    if missing:
+        logger.warning("%d of the %d entries of %s have no predictions in the file; they are left out",
+                       missing, len(annotations), gt)
+    return [{**img, "image_id": img["id"], "annotations": annotations[img["id"]]}
+            for img in data["images"] if img["id"] in predicted]
+
+
+def rescore(args: argparse.Namespace) -> "OrderedDict[str, Dict[str, float]]":
+    """Metrics of ``args.predictions`` for ``args.task`` (see the module docstring)."""
+    data = _load_json(args.predictions, "predictions file")
+    if args.task == "coco":
+        evaluator = PromptedCOCOEvaluator(_json_dataset("coco", args.gt), distributed=False)
+        return OrderedDict(bbox=evaluator.score_results(_result_list(data, args.predictions)))
+    if args.task == "lvis":
+        evaluator = LVISFixedAPEvaluator(_json_dataset("lvis", args.gt), topk=args.lvis_topk, distributed=False)
+        return OrderedDict(bbox=evaluator.score_results(_result_list(data, args.predictions)))
+    predictions = _grounding_dump(data, args.predictions, args.task)
+    by_id = {p["image_id"]: p for p in predictions}
+    entries = _mdetr_entries(args.gt, predictions)
+    if args.task == "flickr":
+        gt_type = args.flickr_gt_type or data.get("flickr_gt_type", "separate")
+        return score_flickr([flickr_gt_entry(e) for e in entries], by_id, args.annotations_root, gt_type)
+    return score_refexp([refexp_gt_entry(e) for e in entries], by_id)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> "OrderedDict[str, Dict[str, float]]":
+    args = parse_args(argv)
+    setup_logger(name="detectron2")
+    setup_logger(name="fiber_det")
+    results = rescore(args)
+    print(json.dumps(results, indent=2))
+    print_csv_format(results)
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
