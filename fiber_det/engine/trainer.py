@@ -196,6 +196,22 @@ class FiberTrainer(DefaultTrainer):
                     h._func = self._eval_with_ema(h._func)
         return ret
 
+    def state_dict(self):
+        # Detectron2 0.6's DefaultTrainer saves neither the optimizer (nor the GradScaler) of its
+        # inner trainer nor the LR scheduler; without them --resume would restart both.
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        ret["scheduler"] = self.scheduler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        missing = [k for k in ("_trainer", "scheduler") if k not in state_dict]
+        if missing:
+            raise KeyError(f"the checkpoint's trainer state lacks {missing}: it was not written by FiberTrainer")
+        self._trainer.load_state_dict(state_dict["_trainer"])
+        self.scheduler.load_state_dict(state_dict["scheduler"])
+
     def _eval_with_ema(self, func):
         def run():
             with swap_to_ema(self.model, self.ema):
