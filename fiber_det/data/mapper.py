@@ -26,10 +26,9 @@ from detectron2.data.detection_utils import check_image_size
 from detectron2.structures import Boxes, BoxMode, Instances
 
 from ..utils.paths import resolve_path
-from .prompts import (
+from .prompts import build_detection_prompt, chunk_category_prompts
+from .training_prompts import (
     all_categories_prompt,
-    build_detection_prompt,
-    chunk_category_prompts,
     grounding_prompt,
     name_token_counts,
     negative_count,

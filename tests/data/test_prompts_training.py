@@ -8,12 +8,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fiber_det.data import prompts
-from fiber_det.data.prompts import (
+from fiber_det.data import training_prompts as prompts
+from fiber_det.data.prompts import chunk_category_prompts, clean_name
+from fiber_det.data.training_prompts import (
     all_categories_prompt,
     check_for_positive_overflow,
-    chunk_category_prompts,
-    clean_name,
     grounding_prompt,
     name_token_counts,
     negative_count,
