@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fiber_det.data import training_prompts as prompts
+from fiber_det.data import prompts, training_prompts
 from fiber_det.data.prompts import chunk_category_prompts, clean_name
 from fiber_det.data.training_prompts import (
     all_categories_prompt,
@@ -231,5 +231,6 @@ def test_lvis_sized_vocabulary_gives_31_chunks(gpt2):
 
 
 def test_docstring_examples_run():
-    results = doctest.testmod(prompts)
-    assert results.attempted >= 10 and results.failed == 0
+    for module in (prompts, training_prompts):
+        results = doctest.testmod(module)
+        assert results.attempted >= 4 and results.failed == 0, module.__name__
