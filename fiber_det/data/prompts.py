@@ -224,10 +224,12 @@ def chunk_category_prompts(
     if chunk_size > 0:
         blocks = [pairs[i:i + chunk_size] for i in range(0, len(pairs), chunk_size)]
     else:
-        # Greedy packing on per-name token counts (an upper bound of the joined prompt's length).
+        # Greedy packing on per-name token counts; a separator's trailing space merges into the
+        # next word's first token, so only its stripped part is counted. Every block is checked
+        # on its real caption below (and split if the estimate was short).
         blocks, current, used = [], [], 2
         for label, name in pairs:
-            piece = build([(label, name)])["caption"] + separator
+            piece = build([(label, name)])["caption"] + separator.rstrip()
             cost = len(tokenizer(piece, add_special_tokens=False)["input_ids"])
             if current and used + cost > max_tokens:
                 blocks.append(current)
