@@ -156,7 +156,7 @@ def test_docstring_examples_run():
     assert results.attempted > 0 and results.failed == 0
 
 
-COCO_NAMES = (
+COCO_RAW_NAMES = (
     "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant stop_sign "
     "parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella "
     "handbag tie suitcase frisbee skis snowboard sports_ball kite baseball_bat baseball_glove skateboard "
@@ -170,9 +170,9 @@ COCO_NAMES = (
 def test_greedy_chunking_keeps_a_vocabulary_that_fits_in_one_prompt(gpt2):
     from fiber_det.data.prompts import chunk_category_prompts
 
-    (single,) = chunk_category_prompts(COCO_NAMES, gpt2, chunk_size=0, max_tokens=256)
-    assert single["caption"] == build_detection_prompt(COCO_NAMES)[0]
+    (single,) = chunk_category_prompts(COCO_RAW_NAMES, gpt2, chunk_size=0, max_tokens=256)
+    assert single["caption"] == build_detection_prompt(COCO_RAW_NAMES)[0]
     assert len(gpt2(single["caption"])["input_ids"]) <= 256
-    split = chunk_category_prompts(COCO_NAMES, gpt2, chunk_size=0, max_tokens=100)
+    split = chunk_category_prompts(COCO_RAW_NAMES, gpt2, chunk_size=0, max_tokens=100)
     assert len(split) >= 2 and all(len(gpt2(c["caption"])["input_ids"]) <= 100 for c in split)
     assert sorted(k for c in split for k in c["label_spans"]) == list(range(1, 81))
