@@ -41,6 +41,8 @@ def add_fiber_config(cfg: CN) -> CN:
     f.TEXT.DROPOUT = 0.1  # hidden dropout (embeddings, attention outputs, FFN output)
     f.TEXT.ATTENTION_DROPOUT = 0.1  # dropout on attention probabilities
     f.TEXT.USE_CHECKPOINT = False  # activation checkpointing of every text layer in training
+    f.TEXT.FREEZE_WORD_EMBEDDINGS = False  # keep the word-embedding table fixed (official: trained;
+    # freezing a pretrained table saves most of the optimizer's time on small CPU runs)
     f.TEXT.WEIGHTS = ""  # local HF BERT/RoBERTa folder to initialise the text tower ("" = none)
     f.TEXT.TOKENIZER = ""  # local folder of the (fast) tokenizer; required to run the model
     f.TEXT.MAX_QUERY_LEN = 256  # captions are truncated to this many tokens (incl. specials)

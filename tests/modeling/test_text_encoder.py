@@ -72,3 +72,12 @@ def test_gate_opens_cross_attention(minilm):
     a = enc.run_layer(5, h, m, torch.randn(3, 20, 48))
     b = enc.run_layer(5, h, m, torch.randn(3, 20, 48))
     assert (a - b).abs().max() > 1e-3
+
+
+def test_freeze_word_embeddings_flag_freezes_only_the_table():
+    from conftest import tiny_model
+
+    frozen = [n for n, p in tiny_model(MODEL__FIBER__TEXT__FREEZE_WORD_EMBEDDINGS=True).named_parameters()
+              if not p.requires_grad]
+    assert frozen == ["backbone.bottom_up.text.embeddings.word_embeddings.weight"]
+    assert all(p.requires_grad for p in tiny_model().parameters())

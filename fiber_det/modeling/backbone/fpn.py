@@ -81,6 +81,8 @@ class FiberBackbone(FPN):
             load_swin_imagenet_weights(vision, f.SWIN.WEIGHTS)
         if f.TEXT.WEIGHTS:
             load_hf_text_weights(text, f.TEXT.WEIGHTS)
+        if f.TEXT.FREEZE_WORD_EMBEDDINGS:
+            text.embeddings.word_embeddings.weight.requires_grad_(False)
         return {
             "bottom_up": FusionBottomUp(vision, text, n),
             "out_channels": cfg.MODEL.FPN.OUT_CHANNELS,
