@@ -5,6 +5,8 @@ import uuid
 import pytest
 import torch
 
+from fiber_det.data.transforms import legacy_resize_size
+
 import fiber_det.data.datasets.real_photos  # noqa: F401  (registers real_photos_*)
 from conftest import tiny_cfg, tiny_model
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -68,7 +70,10 @@ def test_loaders_feed_the_tiny_model():
     batch = next(iter(build_train_loader(cfg)))
     assert len(batch) == 2
     for x in batch:
-        assert x["image"].dtype == torch.uint8 and min(x["image"].shape[1:]) in (96, 128)
+        # the official rule: short side 96 or 128 unless the long side would pass 192
+        h, w = x["image"].shape[1:]
+        assert x["image"].dtype == torch.uint8 and max(h, w) <= 192
+        assert (h, w) in {legacy_resize_size(x["height"], x["width"], s, 192) for s in (96, 128)}
         inst = x["instances"]
         assert len(inst) > 0 and inst.gt_positive_map.shape == (len(inst), 64)
         assert (inst.gt_positive_map.sum(1) > 0).all()  # every box points at some token
