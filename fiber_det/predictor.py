@@ -47,6 +47,7 @@ from .config import add_fiber_config
 from .data.phrases import caption_phrases, phrase_spans
 from .data.prompts import build_label_to_tokens, chunk_category_prompts
 from .data.transforms import build_transforms
+from .modeling.meta_arch import reorder_instances
 
 __all__ = ["Detection", "ImageResult", "FIBERPredictor"]
 
@@ -293,7 +294,7 @@ class FIBERPredictor:
         keep = batched_nms(inst.pred_boxes.tensor, inst.scores, inst.pred_labels, self.nms_threshold)
         if self.detections_per_image > 0:
             keep = keep[: self.detections_per_image]
-        return _take(inst, keep)
+        return reorder_instances(inst, keep)
 
 
 def _detections(inst: Instances, spans: Dict[int, List[int]]) -> List[Detection]:
@@ -309,14 +310,6 @@ def _try(fn, *args):
         return fn(*args)
     except (ValueError, TypeError) as e:
         return e
-
-
-def _take(inst: Instances, index: torch.Tensor) -> Instances:
-    """``inst[index]`` that also indexes list fields (``pred_phrases``), which Instances cannot."""
-    out = Instances(inst.image_size)
-    for k, v in inst.get_fields().items():
-        out.set(k, [v[j] for j in index.tolist()] if isinstance(v, list) else v[index])
-    return out
 
 
 def _read_bgr(image, input_format: str, name: str) -> np.ndarray:

@@ -83,3 +83,24 @@ def fixture_eval(fixture_v2, fixture_model):
     inp = fixture_v2["inputs"]
     with torch.no_grad():
         return fixture_model.run(inp["images"], inp["input_ids"], inp["attention_mask"])
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Runs a module single-threaded (``pytestmark = pytest.mark.usefixtures("single_thread")``):
+    tiny-model ops gain nothing from intra-op threads, and on a busy 2-core machine they contend
+    (10x slower)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def load_tool(name: str):
+    """The script ``tools/<name>.py`` imported as a module (tools/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"fiber_tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,6 +1,5 @@
 """tools/demo.py on a real photo with the tiny GPT-2 model: PNG + JSON outputs that round-trip,
 per-image failures and the exit code."""
-import importlib.util
 import json
 
 import numpy as np
@@ -9,31 +8,14 @@ import torch
 from PIL import Image
 from skimage import data
 
-from conftest import REPO, tiny_cfg
+from conftest import REPO, load_tool, tiny_cfg
 from fiber_det.predictor import FIBERPredictor
 
 CONFIG = str(REPO / "configs" / "quick_schedules" / "FIBER-tiny.yaml")
 OPTS = ["MODEL.FIBER.ATSS.INFERENCE_TH", "0.0", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96"]
+pytestmark = pytest.mark.usefixtures("single_thread")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny-model ops gain nothing from intra-op threads; on a busy 2-core machine they contend
-    (10x slower), so this module runs single-threaded."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def load_demo():
-    spec = importlib.util.spec_from_file_location("fiber_demo", REPO / "tools" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-demo = load_demo()
+demo = load_tool("demo")
 
 
 @pytest.fixture(scope="module")

@@ -20,16 +20,7 @@ OPTS = dict(MODEL__FIBER__ATSS__INFERENCE_TH=0.0, MODEL__FIBER__ATSS__PRE_NMS_TO
 COFFEE = data.coffee()  # (400, 600, 3) RGB: resized to 64 x 96
 CHELSEA = data.chelsea()  # (300, 451, 3) RGB: also 64 x 96, so batching adds no padding
 CUP = {"caption": "a cup of coffee on a saucer", "phrases": ["a cup", "coffee", "a saucer"]}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny-model ops gain nothing from intra-op threads; on a busy 2-core machine they contend
-    (10x slower), so this module runs single-threaded."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_predictor(seed=0, **overrides):

@@ -17,6 +17,7 @@ depends only on that parameter's own state and its group's hyper-parameters, so 
 and saves ~800 tiny groups (and their per-group kernel launches).
 """
 import math
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Tuple
 
 from torch import nn
@@ -25,6 +26,7 @@ from ..checkpoint.rename_table import PREFIX_RENAMES
 
 __all__ = [
     "official_param_name",
+    "OfficialLrRules",
     "official_lr_and_weight_decay",
     "build_param_groups",
     "build_param_groups_from_cfg",
@@ -57,73 +59,74 @@ def official_param_name(name: str) -> str:
     )
 
 
-def official_lr_and_weight_decay(
-    official_name: str,
-    *,
-    base_lr: float,
-    lang_lr: float,
-    weight_decay: float,
-    bias_lr_factor: float = 2.0,
-    weight_decay_bias: float = 0.0,
-    norm_wd_factor: float = 1.0,
-    backbone_body_lr_factor: float = 1.0,
-) -> Tuple[float, float]:
+@dataclass(frozen=True)
+class OfficialLrRules:
+    """The SOLVER values the official lr / weight-decay rules read (spec §9.1), and the rules."""
+
+    base_lr: float  # SOLVER.BASE_LR
+    lang_lr: float  # SOLVER.LANG_LR
+    weight_decay: float  # SOLVER.WEIGHT_DECAY
+    bias_lr_factor: float = 2.0  # SOLVER.BIAS_LR_FACTOR
+    weight_decay_bias: float = 0.0  # SOLVER.WEIGHT_DECAY_BIAS
+    norm_wd_factor: float = 1.0  # SOLVER.WEIGHT_DECAY_NORM_FACTOR
+    backbone_body_lr_factor: float = 1.0  # SOLVER.BACKBONE_BODY_LR_FACTOR
+
+    def lr_and_weight_decay(self, official_name: str) -> Tuple[float, float]:
+        """(lr, weight_decay) of one parameter: rules 2-6 applied in order to its official name."""
+        lr, wd = self.base_lr, self.weight_decay
+        if "language_backbone" in official_name:
+            lr = self.lang_lr
+        if "backbone.body" in official_name and "language_backbone.body" not in official_name:
+            lr = self.base_lr * self.backbone_body_lr_factor
+        if "bias" in official_name:
+            lr *= self.bias_lr_factor
+            wd = self.weight_decay_bias
+        if "norm" in official_name or "Norm" in official_name:
+            wd *= self.norm_wd_factor
+        return lr, wd
+
+
+def official_lr_and_weight_decay(official_name: str, **rules: float) -> Tuple[float, float]:
     """(lr, weight_decay) of one parameter by the official rules, applied in order to its
     official name (spec §9.1 rules 2-6).
+
+    Args:
+        official_name: the parameter's official name.
+        **rules: the fields of :class:`OfficialLrRules` (``base_lr``, ``lang_lr`` and
+            ``weight_decay`` required).
 
     >>> official_lr_and_weight_decay("rpn.head.bias_lang", base_lr=1e-4, lang_lr=1e-5, weight_decay=0.01)
     (0.0002, 0.0)
     """
-    lr, wd = base_lr, weight_decay
-    if "language_backbone" in official_name:
-        lr = lang_lr
-    if "backbone.body" in official_name and "language_backbone.body" not in official_name:
-        lr = base_lr * backbone_body_lr_factor
-    if "bias" in official_name:
-        lr *= bias_lr_factor
-        wd = weight_decay_bias
-    if "norm" in official_name or "Norm" in official_name:
-        wd *= norm_wd_factor
-    return lr, wd
+    return OfficialLrRules(**rules).lr_and_weight_decay(official_name)
 
 
 def build_param_groups(
     model: nn.Module,
     *,
-    base_lr: float,
-    lang_lr: float,
-    weight_decay: float,
-    bias_lr_factor: float = 2.0,
-    weight_decay_bias: float = 0.0,
-    norm_wd_factor: float = 1.0,
-    backbone_body_lr_factor: float = 1.0,
     to_official: Callable[[str], str] = official_param_name,
+    **rules: float,
 ) -> List[dict]:
     """AdamW parameter groups of ``model``: official per-parameter (lr, wd), merged by value.
 
     Args:
         model: a fiber-det model (possibly DDP-wrapped). Parameters with ``requires_grad``
             False are left out.
-        base_lr, lang_lr, weight_decay, bias_lr_factor, weight_decay_bias, norm_wd_factor,
-            backbone_body_lr_factor: SOLVER.BASE_LR, LANG_LR, WEIGHT_DECAY, BIAS_LR_FACTOR,
-            WEIGHT_DECAY_BIAS, WEIGHT_DECAY_NORM_FACTOR, BACKBONE_BODY_LR_FACTOR.
         to_official: maps one of our parameter names to the official name the rules read.
+        **rules: the fields of :class:`OfficialLrRules` (``base_lr``, ``lang_lr`` and
+            ``weight_decay`` required; the others default to the official values).
 
     Returns:
         One dict per distinct (lr, weight_decay), in order of first appearance:
         {"params": [tensors in ``named_parameters`` order], "lr", "weight_decay",
         "name": "lr=<lr>,wd=<wd>"} (floats written with ``repr``, e.g. "lr=1e-05,wd=0.0001").
     """
-    hyper = dict(
-        base_lr=base_lr, lang_lr=lang_lr, weight_decay=weight_decay, bias_lr_factor=bias_lr_factor,
-        weight_decay_bias=weight_decay_bias, norm_wd_factor=norm_wd_factor,
-        backbone_body_lr_factor=backbone_body_lr_factor,
-    )
+    official_rules = OfficialLrRules(**rules)  # TypeError here names a misspelled / missing rule
     groups: Dict[Tuple[float, float], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        lr, wd = official_lr_and_weight_decay(to_official(name), **hyper)
+        lr, wd = official_rules.lr_and_weight_decay(to_official(name))
         if not (math.isfinite(lr) and math.isfinite(wd)):
             raise ValueError(f"parameter {name!r}: non-finite lr {lr} / weight decay {wd} from the SOLVER keys")
         group = groups.get((lr, wd))

@@ -14,9 +14,7 @@ Dumped to ``output_dir`` (when given): ``coco_instances_results.json``, a COCO r
 ``[{"image_id", "category_id" (json id), "bbox": [x, y, w, h], "score"}]`` exactly as scored, and
 Detectron2's ``instances_predictions.pth`` (the same results grouped per image).
 """
-import json
 import logging
-import os
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -26,9 +24,8 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.evaluation.coco_evaluation import _evaluate_predictions_on_coco
 from detectron2.structures import Instances
 from detectron2.utils import comm
-from detectron2.utils.file_io import PathManager
 
-from .gather import gather_unique
+from .gather import dump_json, gather_unique
 
 __all__ = ["PromptedCOCOEvaluator", "instances_to_coco_results", "contiguous_to_json_ids", "COCO_RESULTS_FILE"]
 
@@ -126,12 +123,7 @@ class PromptedCOCOEvaluator(COCOEvaluator):
 
     def _eval_predictions(self, predictions, img_ids=None):
         results = [r for p in predictions for r in p["instances"]]
-        if self._output_dir:
-            PathManager.mkdirs(self._output_dir)
-            path = os.path.join(self._output_dir, COCO_RESULTS_FILE)
-            logger.info("Saving %d COCO results to %s", len(results), path)
-            with PathManager.open(path, "w") as f:
-                json.dump(results, f)
+        dump_json(results, self._output_dir, COCO_RESULTS_FILE, f"{len(results)} COCO results")
         if not self._do_evaluation:
             logger.info("%s has no annotations: nothing to evaluate", self._metadata.json_file)
             return

@@ -34,7 +34,6 @@ Dumped to ``output_dir`` (when given): ``flickr_predictions.json`` =
 "sentence_id", "boxes": [[x1, y1, x2, y2], ...], "scores": [...], "labels": [...]}]}`` (raw
 detections, original image frame, labels 1-based); tools/evaluate_predictions.py re-scores it.
 """
-import json
 import logging
 import os
 import xml.etree.ElementTree as ET
@@ -46,11 +45,10 @@ from torchvision.ops import box_iou
 
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
-from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 
-from .gather import gather_unique
+from .gather import PerImageEvaluator
 
 __all__ = [
     "FlickrRecallEvaluator", "score_flickr", "flickr_gt_entry", "flickr_prediction_record",
@@ -347,7 +345,7 @@ def score_flickr(
 # Evaluator
 
 
-class FlickrRecallEvaluator(DatasetEvaluator):
+class FlickrRecallEvaluator(PerImageEvaluator):
     """Flickr30k Entities Recall@k (task "grounding"; see the module docstring)."""
 
     @configurable
@@ -374,12 +372,9 @@ class FlickrRecallEvaluator(DatasetEvaluator):
                              f"got {gt_type!r}")
         if annotations_root:
             _FlickrEntities(annotations_root)  # fail now, not after the whole inference
-        self._dataset_name = dataset_name
         self._gt_type = gt_type
         self._annotations_root = annotations_root or None
-        self._output_dir = output_dir
-        self._distributed = distributed
-        self.reset()
+        super().__init__(dataset_name, output_dir=output_dir, distributed=distributed)
 
     @classmethod
     def from_config(cls, cfg, dataset_name: str, output_dir: Optional[str] = None):
@@ -387,24 +382,17 @@ class FlickrRecallEvaluator(DatasetEvaluator):
         return {"dataset_name": dataset_name, "output_dir": output_dir, "gt_type": meta.get("flickr_gt_type"),
                 "annotations_root": meta.get("flickr_annotations_root")}
 
-    def reset(self) -> None:
-        self._entries = []
-
     def process(self, inputs: Sequence[dict], outputs: Sequence[dict]) -> None:
         for inp, out in zip(inputs, outputs):
-            self._entries.append({"image_id": inp["image_id"], "gt": flickr_gt_entry(inp),
+            self._records.append({"image_id": inp["image_id"], "gt": flickr_gt_entry(inp),
                                   "prediction": flickr_prediction_record(inp, out["instances"])})
 
     def evaluate(self):
-        entries = gather_unique(self._entries, "image_id", self._distributed)
+        entries = self._gather_records()
         if not entries:
             return {}
         predictions = [e["prediction"] for e in entries]
-        if self._output_dir:
-            PathManager.mkdirs(self._output_dir)
-            path = os.path.join(self._output_dir, FLICKR_PREDICTIONS_FILE)
-            logger.info("Saving the predictions of %d Flickr entries to %s", len(predictions), path)
-            with PathManager.open(path, "w") as f:
-                json.dump({"task": "flickr", "flickr_gt_type": self._gt_type, "predictions": predictions}, f)
+        self._dump({"task": "flickr", "flickr_gt_type": self._gt_type, "predictions": predictions},
+                   FLICKR_PREDICTIONS_FILE, f"the predictions of {len(predictions)} Flickr entries")
         return score_flickr([e["gt"] for e in entries], {p["image_id"]: p for p in predictions},
                             self._annotations_root, self._gt_type)

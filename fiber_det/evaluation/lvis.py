@@ -20,9 +20,7 @@ Dumped to ``output_dir`` (when given): ``lvis_instances_results.json``, the sele
 "bbox": [x, y, w, h], "score"}]`` in image order. Re-selecting them is a no-op, so
 tools/evaluate_predictions.py reproduces the numbers from this file.
 """
-import json
 import logging
-import os
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
@@ -31,11 +29,10 @@ import torch
 
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
-from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils.file_io import PathManager
 
 from .coco import contiguous_to_json_ids
-from .gather import gather_unique
+from .gather import PerImageEvaluator
 
 __all__ = ["LVISFixedAPEvaluator", "fixed_ap_keep", "select_fixed_ap_detections", "LVIS_RESULTS_FILE"]
 
@@ -91,7 +88,7 @@ def select_fixed_ap_detections(results: Sequence[dict], topk: int) -> List[dict]
     return [results[i] for i in keep]
 
 
-class LVISFixedAPEvaluator(DatasetEvaluator):
+class LVISFixedAPEvaluator(PerImageEvaluator):
     """LVIS box AP with the FixedAP protocol (see the module docstring)."""
 
     @configurable
@@ -113,23 +110,17 @@ class LVISFixedAPEvaluator(DatasetEvaluator):
         """
         if topk <= 0:
             raise ValueError(f"topk must be positive, got {topk}")
-        self._dataset_name = dataset_name
         self._metadata = MetadataCatalog.get(dataset_name)
         json_file = self._metadata.get("json_file")
         if not json_file:
             raise ValueError(f"dataset '{dataset_name}': metadata has no 'json_file' (the LVIS json)")
         self._lvis_api = _lvis_package().LVIS(PathManager.get_local_path(json_file))
         self._topk = topk
-        self._output_dir = output_dir
-        self._distributed = distributed
-        self.reset()
+        super().__init__(dataset_name, output_dir=output_dir, distributed=distributed)
 
     @classmethod
     def from_config(cls, cfg, dataset_name: str, output_dir: Optional[str] = None):
         return {"dataset_name": dataset_name, "output_dir": output_dir, "topk": cfg.TEST.LVIS_TOPK_PER_CATEGORY}
-
-    def reset(self) -> None:
-        self._predictions = []
 
     def process(self, inputs: Sequence[dict], outputs: Sequence[dict]) -> None:
         # detections stay in arrays (36 bytes each): a minival run has ~46M of them (31 chunks x 300)
@@ -144,7 +135,7 @@ class LVISFixedAPEvaluator(DatasetEvaluator):
             if bad.any() or (lookup[classes] < 0).any():
                 raise ValueError(f"image {inp['image_id']}: predicted classes {sorted(set(classes.tolist()))} "
                                  f"are not all contiguous ids of the dataset (0..{len(json_ids) - 1})")
-            self._predictions.append({
+            self._records.append({
                 "image_id": inp["image_id"],
                 # xywh computed in the boxes' dtype (fp32), no "+1"
                 "boxes": torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).numpy(),
@@ -153,7 +144,7 @@ class LVISFixedAPEvaluator(DatasetEvaluator):
             })
 
     def evaluate(self):
-        entries = gather_unique(self._predictions, "image_id", self._distributed)
+        entries = self._gather_records()
         if not entries:
             return {}
         boxes = np.concatenate([e["boxes"] for e in entries]).reshape(-1, 4)
@@ -163,12 +154,7 @@ class LVISFixedAPEvaluator(DatasetEvaluator):
         keep = fixed_ap_keep(category_ids, scores, boxes, self._topk)
         selected = [{"image_id": entries[owner[i]]["image_id"], "category_id": int(category_ids[i]),
                      "bbox": boxes[i].tolist(), "score": float(scores[i])} for i in keep]
-        if self._output_dir:
-            PathManager.mkdirs(self._output_dir)
-            path = os.path.join(self._output_dir, LVIS_RESULTS_FILE)
-            logger.info("Saving %d selected LVIS detections to %s", len(selected), path)
-            with PathManager.open(path, "w") as f:
-                json.dump(selected, f)
+        self._dump(selected, LVIS_RESULTS_FILE, f"{len(selected)} selected LVIS detections")
         return OrderedDict(bbox=self._score_selected(selected))
 
     def score_results(self, results: Sequence[dict]) -> Dict[str, float]:

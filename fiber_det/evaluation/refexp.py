@@ -16,9 +16,6 @@ Dumped to ``output_dir`` (when given): ``refexp_predictions.json`` = ``{"task": 
 "predictions": [{"image_id", "dataset_name", "boxes": [[x1, y1, x2, y2], ...], "scores": [...]}]}``
 (raw detections, original image frame); tools/evaluate_predictions.py re-scores it.
 """
-import json
-import logging
-import os
 from collections import OrderedDict, defaultdict
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -26,16 +23,12 @@ import torch
 from torchvision.ops import box_iou, generalized_box_iou
 
 from detectron2.config import configurable
-from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import BoxMode
-from detectron2.utils.file_io import PathManager
 
-from .gather import gather_unique
+from .gather import PerImageEvaluator
 
 __all__ = ["RefExpEvaluator", "score_refexp", "refexp_gt_entry", "refexp_prediction_record",
            "rank_refexp_boxes", "REFEXP_PREDICTIONS_FILE"]
-
-logger = logging.getLogger(__name__)
 
 REFEXP_PREDICTIONS_FILE = "refexp_predictions.json"
 TOPK = (1, 5, 10)
@@ -113,7 +106,7 @@ def score_refexp(
     return OrderedDict(refexp=metrics)
 
 
-class RefExpEvaluator(DatasetEvaluator):
+class RefExpEvaluator(PerImageEvaluator):
     """Referring-expression precision@k (task "refexp"; see the module docstring)."""
 
     @configurable
@@ -124,34 +117,20 @@ class RefExpEvaluator(DatasetEvaluator):
             output_dir: where the predictions are dumped (None: no dump).
             distributed: gather the entries of all processes.
         """
-        self._dataset_name = dataset_name
-        self._output_dir = output_dir
-        self._distributed = distributed
-        self.reset()
-
-    @classmethod
-    def from_config(cls, cfg, dataset_name: str, output_dir: Optional[str] = None):
-        return {"dataset_name": dataset_name, "output_dir": output_dir}
-
-    def reset(self) -> None:
-        self._entries = []
+        super().__init__(dataset_name, output_dir=output_dir, distributed=distributed)
 
     def process(self, inputs: Sequence[dict], outputs: Sequence[dict]) -> None:
         for inp, out in zip(inputs, outputs):
             record = dict(inp)
             record.setdefault("dataset", self._dataset_name)
-            self._entries.append({"image_id": inp["image_id"], "gt": refexp_gt_entry(record),
+            self._records.append({"image_id": inp["image_id"], "gt": refexp_gt_entry(record),
                                   "prediction": refexp_prediction_record(record, out["instances"])})
 
     def evaluate(self):
-        entries = gather_unique(self._entries, "image_id", self._distributed)
+        entries = self._gather_records()
         if not entries:
             return {}
         predictions = [e["prediction"] for e in entries]
-        if self._output_dir:
-            PathManager.mkdirs(self._output_dir)
-            path = os.path.join(self._output_dir, REFEXP_PREDICTIONS_FILE)
-            logger.info("Saving the predictions of %d referring expressions to %s", len(predictions), path)
-            with PathManager.open(path, "w") as f:
-                json.dump({"task": "refexp", "predictions": predictions}, f)
+        self._dump({"task": "refexp", "predictions": predictions}, REFEXP_PREDICTIONS_FILE,
+                   f"the predictions of {len(predictions)} referring expressions")
         return score_refexp([e["gt"] for e in entries], {p["image_id"]: p for p in predictions})

@@ -38,7 +38,7 @@ from .head.losses import FiberLoss
 from ..utils.paths import resolve_path
 from .postprocess import postprocess_image, rescale_boxes
 
-__all__ = ["FIBER"]
+__all__ = ["FIBER", "reorder_instances"]
 
 
 @META_ARCH_REGISTRY.register()
@@ -232,7 +232,7 @@ class FIBER(nn.Module):
         merged = []
         for parts in per_image:
             inst = Instances.cat(parts) if len(parts) > 1 else parts[0]
-            merged.append({"instances": _reorder(inst, torch.argsort(inst.scores, descending=True, stable=True))})
+            merged.append({"instances": reorder_instances(inst, torch.argsort(inst.scores, descending=True, stable=True))})
         return merged
 
     def inference(self, batched_inputs, outputs, anchors, image_sizes, num_tokens) -> List[Dict[str, Instances]]:
@@ -258,8 +258,13 @@ class FIBER(nn.Module):
         return results
 
 
-def _reorder(inst: Instances, order: torch.Tensor) -> Instances:
-    """``inst[order]`` that also reorders list fields (``pred_phrases``), which Instances cannot."""
+def reorder_instances(inst: Instances, order: torch.Tensor) -> Instances:
+    """``inst[order]`` that also indexes list fields (``pred_phrases``), which Instances cannot.
+
+    Args:
+        inst: N instances.
+        order: (K,) int64 indices into them (a permutation or a subset, e.g. NMS keep indices).
+    """
     out = Instances(inst.image_size)
     for k, v in inst.get_fields().items():
         out.set(k, [v[j] for j in order.tolist()] if isinstance(v, list) else v[order])

@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import os
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
@@ -140,6 +140,27 @@ def check_registration(name: str, evaluator_type: str) -> None:
         raise ValueError(f"dataset name must be a non-empty string, got {name!r}")
     if evaluator_type not in EVALUATOR_TYPES:
         raise ValueError(f"{name}: evaluator_type must be one of {EVALUATOR_TYPES}, got {evaluator_type!r}")
+
+
+def register_json_dataset(
+    name: str, loader: Callable[[], List[dict]], *, json_file: str, image_root: str, evaluator_type: str,
+    **metadata,
+) -> None:
+    """Registers ``loader`` under ``name`` with the metadata every json dataset has (no filesystem access).
+
+    ``loader`` runs only when ``DatasetCatalog.get(name)`` loads the dataset, so a missing json or
+    image folder raises FileNotFoundError then, not at registration.
+
+    Args:
+        name: dataset name for ``DatasetCatalog`` / ``MetadataCatalog`` (see :func:`check_registration`).
+        loader: returns the dataset dicts.
+        json_file, image_root, evaluator_type: recorded in the metadata.
+        **metadata: further metadata fields.
+    """
+    DatasetCatalog.register(name, loader)
+    MetadataCatalog.get(name).set(
+        json_file=json_file, image_root=image_root, evaluator_type=evaluator_type, **metadata
+    )
 
 
 def _ann_id(ann) -> object:
@@ -350,8 +371,7 @@ def register_coco_grounding_dataset(
 ) -> None:
     """Registers a COCO-format detection json, used through category prompts (spec §7.2, §8.5).
 
-    Nothing is read here; a missing json or image folder raises FileNotFoundError when
-    ``DatasetCatalog.get(name)`` loads it.
+    Lazy, as :func:`register_json_dataset`: nothing is read until the dataset is loaded.
 
     Args:
         name: dataset name for ``DatasetCatalog`` / ``MetadataCatalog``.
@@ -376,17 +396,15 @@ def register_coco_grounding_dataset(
         )
     caption_prompt = _check_caption_prompt(name, caption_prompt)
     exclude_images = tuple(exclude_images)
-    DatasetCatalog.register(
+    if caption_prompt is not None:
+        metadata["caption_prompt"] = caption_prompt
+    register_json_dataset(
         name,
         lambda: load_coco_detection_json(
             json_file, image_root, name, drop_background=drop_background,
             image_path_style=image_path_style, exclude_images=exclude_images,
             readme_section=readme_section,
         ),
-    )
-    if caption_prompt is not None:
-        metadata["caption_prompt"] = caption_prompt
-    MetadataCatalog.get(name).set(
-        json_file=json_file, image_root=image_root, evaluator_type=evaluator_type,
-        prompt_mode=prompt_mode, **metadata,
+        json_file=json_file, image_root=image_root, evaluator_type=evaluator_type, prompt_mode=prompt_mode,
+        **metadata,
     )

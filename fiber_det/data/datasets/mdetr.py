@@ -11,7 +11,6 @@ it (Flickr30k), else one phrase per distinct annotation span list in order of fi
 import os
 from typing import List, Optional
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
 from .coco_style import (
@@ -21,6 +20,7 @@ from .coco_style import (
     parse_bbox,
     parse_iscrowd,
     read_coco_json,
+    register_json_dataset,
     require_dir,
 )
 
@@ -171,8 +171,7 @@ def register_mdetr_grounding_dataset(
 ) -> None:
     """Registers an MDETR-style grounding json (captions used verbatim, spec §7.2 (c)).
 
-    Nothing is read here; a missing json or image folder raises FileNotFoundError when
-    ``DatasetCatalog.get(name)`` loads it.
+    Lazy, as :func:`~.coco_style.register_json_dataset`: nothing is read until the dataset is loaded.
 
     Args:
         name: dataset name for ``DatasetCatalog`` / ``MetadataCatalog``.
@@ -188,14 +187,12 @@ def register_mdetr_grounding_dataset(
     gt_type = metadata.get("flickr_gt_type")
     if gt_type is not None and gt_type not in FLICKR_GT_TYPES:
         raise ValueError(f"{name}: flickr_gt_type must be one of {FLICKR_GT_TYPES}, got {gt_type!r}")
-    DatasetCatalog.register(
+    if coco_image_root is not None:
+        metadata["coco_image_root"] = coco_image_root
+    register_json_dataset(
         name,
         lambda: load_mdetr_grounding_json(
             json_file, image_root, name, coco_image_root=coco_image_root, readme_section=readme_section
         ),
-    )
-    if coco_image_root is not None:
-        metadata["coco_image_root"] = coco_image_root
-    MetadataCatalog.get(name).set(
-        json_file=json_file, image_root=image_root, evaluator_type=evaluator_type, **metadata
+        json_file=json_file, image_root=image_root, evaluator_type=evaluator_type, **metadata,
     )
