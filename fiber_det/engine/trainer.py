@@ -7,6 +7,7 @@ and whose step (:class:`FiberTrainStep`) adds what Detectron2's SimpleTrainer/AM
 autocast on any device in fp16 or bf16, batch skipping (spec §5.5) and a non-finite-loss guard.
 """
 import logging
+import os
 import time
 import weakref
 from contextlib import nullcontext
@@ -236,4 +237,7 @@ class FiberTrainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        # predictions are dumped where tools/evaluate_predictions.py can re-score them
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return build_evaluator(cfg, dataset_name, output_folder)
