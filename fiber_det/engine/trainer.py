@@ -26,7 +26,7 @@ from ..data.build import build_test_loader, build_train_loader, get_train_datase
 from ..evaluation import build_evaluator
 from .ema import EMAHook, ModelEMA, swap_to_ema
 from .optimizer import build_optimizer
-from .schedule import WeightDecayScheduleHook, build_lr_scheduler, resolve_max_iter, resolve_milestones
+from .schedule import build_lr_scheduler, build_weight_decay_schedule_hook, resolve_max_iter, resolve_milestones
 
 __all__ = ["FiberTrainStep", "FiberTrainer", "resolve_schedule", "amp_dtype_from_cfg"]
 
@@ -184,13 +184,9 @@ class FiberTrainer(DefaultTrainer):
         # EMA and weight-decay updates go right after the LR scheduler, before the checkpointer
         # and the evaluation, so both see the updated averages.
         position = next(i for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler)) + 1
-        extra = []
-        if self.ema is not None:
-            extra.append(EMAHook(self.ema))
-        if self.cfg.SOLVER.WEIGHT_DECAY_SCHEDULE:
-            extra.append(WeightDecayScheduleHook(
-                self.cfg.SOLVER.STEPS, self.cfg.SOLVER.WEIGHT_DECAY_SCHEDULE_RATIO, self.cfg.SOLVER.GAMMA))
-        ret[position:position] = extra
+        extra = [EMAHook(self.ema) if self.ema is not None else None,
+                 build_weight_decay_schedule_hook(self.cfg, self.cfg.SOLVER.STEPS)]
+        ret[position:position] = [h for h in extra if h is not None]
         if self.ema is not None and self.cfg.MODEL.EMA.USE_FOR_EVAL:
             for h in ret:
                 if isinstance(h, hooks.EvalHook):

@@ -97,3 +97,19 @@ def test_final_evaluation_reports_bbox_and_grounding(synthetic, tmp_path):
     results = FiberTrainer.test(cfg, trainer.model)
     assert "AP50" in results["synthetic_detection_val"]["bbox"]
     assert "R@1" in results["synthetic_grounding_val"]["grounding"]
+
+
+def test_ema_and_weight_decay_hooks_follow_the_lr_scheduler(synthetic, tmp_path):
+    from detectron2.engine import hooks
+
+    from fiber_det.engine.ema import EMAHook
+    from fiber_det.engine.schedule import WeightDecayScheduleHook
+
+    trainer = FiberTrainer(make_cfg(tmp_path, SOLVER__WEIGHT_DECAY_SCHEDULE=True))
+    kinds = [type(h) for h in trainer._hooks]
+    at = kinds.index(hooks.LRScheduler)
+    assert kinds[at + 1:at + 3] == [EMAHook, WeightDecayScheduleHook]
+    # the milestone round(0.5 * 6) = 3 and the configured ratio reach the hook
+    assert trainer._hooks[at + 2].decay_iterations == WeightDecayScheduleHook([3], 0.667, 0.1).decay_iterations
+    plain = FiberTrainer(make_cfg(tmp_path / "plain", MODEL__EMA__ENABLED=False))
+    assert not any(isinstance(h, (EMAHook, WeightDecayScheduleHook)) for h in plain._hooks)
