@@ -98,3 +98,15 @@ def test_postprocess_and_loss_on_fixture_head_outputs(fixture_v2):
                          inp["attention_mask"][:, :L])
     for name, value in losses.items():
         assert abs(value.item() - fixture_v2["outputs_train"]["losses"][name]) <= 1e-5, (name, value.item())
+
+
+def test_float_values_without_group_tolerate_one_ulp_integers_stay_exact(fixture_v2):
+    from fiber_det.checkpoint.parity import _compare
+
+    key = "outputs_train/atss_assignment[0]/reg_targets_positive"
+    expected = torch.tensor([1.0, 2.0, 3.0])
+    ulp = _compare(fixture_v2, key, expected + 6e-8, expected)
+    assert ulp.ok and ulp.atol == 1e-6, ulp.line()
+    assert not _compare(fixture_v2, key, expected + 1e-5, expected).ok
+    ints = torch.tensor([1, 2, 3])
+    assert not _compare(fixture_v2, "outputs_train/atss_assignment[0]/matched_gt_index", ints + 1, ints).ok
