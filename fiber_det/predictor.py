@@ -33,17 +33,17 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torchvision.ops import batched_nms
 
 from detectron2.config import get_cfg
-from detectron2.data import detection_utils
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
 from .checkpoint.checkpointer import FiberCheckpointer
 from .config import add_fiber_config
+from .data.image_io import read_image
 from .data.phrases import caption_phrases, phrase_spans
 from .data.prompts import build_label_to_tokens, chunk_category_prompts
 from .data.transforms import build_transforms
@@ -165,9 +165,9 @@ class FIBERPredictor:
         """Detects the prompts' phrases in the images.
 
         Args:
-            images: one image or a list; each a path, a PIL image (read as RGB; EXIF orientation
-                applied, as for paths) or an (H, W, 3) / (H, W) uint8 numpy array in
-                ``input_format``.
+            images: one image or a list; each a path, a PIL image or an (H, W, 3) / (H, W)
+                uint8 or uint16 numpy array in ``input_format``, decoded by
+                :func:`fiber_det.data.image_io.read_image` (as in training).
             prompts: one prompt for all images, or a list with one per image (see module doc).
             input_format: "BGR" or "RGB", the channel order of numpy inputs.
             batch_size: images per forward (default: the constructor's).
@@ -206,7 +206,10 @@ class FIBERPredictor:
             raise _ImageError(f"{result.name}: {fields}")
         result.caption = fields["_caption"]
         aug = T.AugInput(bgr)
-        self.augmentations(aug)
+        try:
+            self.augmentations(aug)
+        except ValueError as e:
+            raise _ImageError(f"{result.name}: cannot resize the {result.width}x{result.height} image ({e})") from e
         tensor = torch.as_tensor(np.ascontiguousarray(aug.image.transpose(2, 0, 1)))
         return {"image": tensor, "height": result.height, "width": result.width, **fields}
 
@@ -314,22 +317,10 @@ def _try(fn, *args):
 
 def _read_bgr(image, input_format: str, name: str) -> np.ndarray:
     """(H, W, 3) uint8 BGR array of a path, PIL image or numpy array; _ImageError naming it."""
-    if isinstance(image, (str, Path)):
-        try:
-            return detection_utils.read_image(str(image), format="BGR")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise _ImageError(f"{name}: cannot read the image ({type(e).__name__}: {e})") from e
-    if isinstance(image, Image.Image):
-        return detection_utils.convert_PIL_to_numpy(ImageOps.exif_transpose(image), "BGR")
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise _ImageError(f"{name}: numpy images must be uint8 (H, W, 3), got dtype {image.dtype}")
-        if image.ndim == 2:
-            image = np.repeat(image[:, :, None], 3, axis=2)
-        if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
-            raise _ImageError(f"{name}: numpy images must be (H, W, 3) or (H, W), got shape {image.shape}")
-        return np.ascontiguousarray(image[:, :, ::-1] if input_format == "RGB" else image)
-    raise _ImageError(f"{name}: unsupported image type {type(image).__name__} (path, PIL image or numpy array)")
+    try:
+        return read_image(image, "BGR", name=name, input_format=input_format)
+    except (OSError, ValueError) as e:
+        raise _ImageError(str(e) if name in str(e) else f"{name}: {e}") from e
 
 
 def _is_single_image(images) -> bool:

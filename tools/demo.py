@@ -28,10 +28,10 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import fiber_det  # noqa: E402,F401
-from detectron2.data import detection_utils  # noqa: E402
 from detectron2.utils.colormap import colormap  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
+from fiber_det.data.image_io import read_image  # noqa: E402
 from fiber_det.data.phrases import tagger_available  # noqa: E402
 from fiber_det.predictor import FIBERPredictor  # noqa: E402
 
@@ -113,7 +113,7 @@ def phrase_color(phrase: str):
 
 def save_outputs(result, detections, stem: str, out_dir: Path, threshold: float, prompt) -> None:
     """Writes ``stem.png`` (boxes and phrase labels on the image) and ``stem.json``."""
-    image = detection_utils.read_image(result.name, format="RGB")
+    image = read_image(result.name, "RGB")
     vis = Visualizer(image, metadata=None, scale=1.0)
     if detections:
         vis.overlay_instances(

@@ -17,7 +17,6 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
@@ -26,6 +25,7 @@ from detectron2.data.detection_utils import check_image_size
 from detectron2.structures import Boxes, BoxMode, Instances
 
 from ..utils.paths import resolve_path
+from .image_io import read_image
 from .prompts import build_detection_prompt, chunk_category_prompts
 from .training_prompts import (
     all_categories_prompt,
@@ -37,39 +37,9 @@ from .training_prompts import (
 from .tokenization import build_tokenizer, check_span, create_positive_map
 from .transforms import build_transforms
 
-__all__ = ["GroundingDatasetMapper", "read_image_bgr", "legacy_xyxy_boxes"]
+__all__ = ["GroundingDatasetMapper", "legacy_xyxy_boxes"]
 
 PROMPT_MODES = ("all_categories", "sampled_negatives")
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-def read_image_bgr(file_name: str) -> np.ndarray:
-    """Decodes an image file into a (H, W, 3) uint8 BGR array.
-
-    Like the official loader (``Image.open(...).convert("RGB")``): grayscale is replicated,
-    palette images are expanded, the alpha channel of RGBA/LA is discarded, EXIF orientation is
-    not applied. 16-bit (and 32-bit integer) images, which ``convert("RGB")`` would saturate at
-    255, keep their high byte instead (value >> 8, values clipped to [0, 65535] first): the same
-    full-range mapping Pillow applies to 16-bit colour PNGs, so a dark 16-bit image stays dark.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the file cannot be decoded (corrupt, truncated, not an image, float pixels).
-    """
-    try:
-        with Image.open(file_name) as image:
-            if image.mode in _SIXTEEN_BIT_MODES:
-                gray = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
-                rgb = np.repeat(gray.astype(np.uint8)[:, :, None], 3, axis=2)
-            elif image.mode == "F":
-                raise ValueError("floating-point pixels have no defined 8-bit range")
-            else:
-                rgb = np.asarray(image.convert("RGB"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file '{file_name}' does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot read image '{file_name}': {e}") from e
-    return np.ascontiguousarray(rgb[:, :, ::-1])
 
 
 def legacy_xyxy_boxes(annotations: Sequence[dict], height: int, width: int) -> np.ndarray:
@@ -171,7 +141,7 @@ class GroundingDatasetMapper:
                 raise ValueError(f"dataset dict of {_context(record)} has no '{key}' field")
         if record["task"] not in ("detection", "grounding"):
             raise ValueError(f"{_context(record)}: task must be 'detection' or 'grounding', got {record['task']!r}")
-        image = read_image_bgr(record["file_name"])
+        image = read_image(record["file_name"], "BGR")
         check_image_size(record, image)
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)

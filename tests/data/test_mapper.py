@@ -13,7 +13,8 @@ from conftest import REPO, tiny_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.structures import BoxMode
-from fiber_det.data.mapper import GroundingDatasetMapper, legacy_xyxy_boxes, read_image_bgr
+from fiber_det.data.image_io import read_image
+from fiber_det.data.mapper import GroundingDatasetMapper, legacy_xyxy_boxes
 from fiber_det.data.prompts import clean_name
 from fiber_det.data.transforms import LegacyRandomFlip, LegacyResize
 
@@ -267,7 +268,7 @@ def test_image_modes_become_bgr_uint8(tmp_path, kind):
     image.save(path)
     with Image.open(path) as reread:
         assert reread.mode in ({"I;16", "I"} if kind == "I;16" else {kind})  # the mode under test
-    bgr = read_image_bgr(str(path))
+    bgr = read_image(str(path))
     assert bgr.dtype == np.uint8 and bgr.shape == (6, 8, 3)
     np.testing.assert_array_equal(bgr, expected[:, :, ::-1])
     if kind == "I;16":
@@ -287,15 +288,15 @@ def test_sixteen_bit_photo_through_the_mapper(gpt2, tmp_path):
 def test_bad_image_files_are_named(tmp_path, gpt2):
     missing = tmp_path / "nowhere.jpg"
     with pytest.raises(FileNotFoundError, match="nowhere.jpg"):
-        read_image_bgr(str(missing))
+        read_image(str(missing))
     garbage = tmp_path / "garbage.jpg"
     garbage.write_bytes(b"this is not an image at all" * 10)
     with pytest.raises(ValueError, match="cannot read image .*garbage.jpg"):
-        read_image_bgr(str(garbage))
+        read_image(str(garbage))
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes((IMAGES / "chelsea.jpg").read_bytes()[:3000])
     with pytest.raises(ValueError, match="truncated.jpg"):
-        read_image_bgr(str(truncated))
+        read_image(str(truncated))
     with pytest.raises(FileNotFoundError, match="nowhere.jpg"):
         make_mapper(gpt2)(coffee_grounding(file_name=str(missing)))
     with pytest.raises(SizeMismatchError, match="coffee.jpg"):
