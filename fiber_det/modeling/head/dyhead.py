@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import DeformConv2d
 
+from ...utils.deform_conv import nan_safe_offsets
+
 __all__ = ["DyHeadTower", "DyConv", "DyReLU", "HSigmoid"]
 
 
@@ -35,7 +37,8 @@ class ModulatedDeformConv3x3(DeformConv2d):
     def forward(self, x, offset, mask):
         """x (B, C_in, H, W), offset (B, 18, H_o, W_o) as (dy, dx) per tap, mask (B, 9, H_o, W_o)."""
         with torch.autocast(x.device.type, enabled=False):
-            return super().forward(x.float(), offset.float(), mask.float())
+            offset, nan = nan_safe_offsets(offset.float())  # NaN offsets crash torchvision's kernel
+            return super().forward(x.float(), offset, mask.float()) + nan
 
 
 class Conv3x3Norm(nn.Module):
