@@ -1,16 +1,19 @@
-"""Training and test data loaders: dataset mixing with copy factors on top of detectron2's loaders.
+"""Training and test data loaders: dataset mixing with copy factors, then the loaders.
 
-Sampling, aspect-ratio grouping (h/w < 1 vs >= 1, as the official two groups), distributed
-sharding and list batching are detectron2's (spec §7.1, §7.5); images are zero-padded to a
+Training: :class:`~.resumable_loader.ResumableTrainLoader` (Detectron2's uniform shuffled
+stream, sharding and aspect-ratio grouping (w > h or not, as the official two groups), with its
+position saved in checkpoints). Test: Detectron2's inference loader. Images are zero-padded to a
 multiple of 32 by the model, not here.
 """
 import logging
 from typing import List, Optional
 
-from detectron2.data import DatasetCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import DatasetCatalog, build_detection_test_loader
 from detectron2.data.build import filter_images_with_only_crowd_annotations
+from detectron2.utils import comm
 
 from .mapper import GroundingDatasetMapper
+from .resumable_loader import ResumableTrainLoader
 
 __all__ = ["get_train_dataset_dicts", "build_train_loader", "build_test_loader"]
 
@@ -63,16 +66,27 @@ def get_train_dataset_dicts(cfg) -> List[dict]:
     return dicts
 
 
-def build_train_loader(cfg, mapper: Optional[GroundingDatasetMapper] = None):
-    """detectron2's training loader over :func:`get_train_dataset_dicts` (infinite, batched lists).
+def build_train_loader(cfg, mapper: Optional[GroundingDatasetMapper] = None) -> ResumableTrainLoader:
+    """Resumable training batches over :func:`get_train_dataset_dicts` (infinite lists, per process
+    SOLVER.IMS_PER_BATCH / processes; stream seed SEED, a shared random one if SEED < 0).
 
     Args:
-        cfg: the config (SOLVER.IMS_PER_BATCH, DATALOADER.* are detectron2's keys).
+        cfg: the config (SOLVER.IMS_PER_BATCH, DATALOADER.* are detectron2's keys; only its
+            uniform "TrainingSampler" stream exists here).
         mapper: defaults to ``GroundingDatasetMapper(cfg, is_train=True)``.
     """
+    if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+        raise ValueError(f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN!r}: fiber-det's resumable loader "
+                         "samples uniformly ('TrainingSampler'); dataset weights are DATASETS.COPY_FACTORS")
+    world, total = comm.get_world_size(), cfg.SOLVER.IMS_PER_BATCH
+    if total % world:
+        raise ValueError(f"SOLVER.IMS_PER_BATCH {total} is not divisible by the {world} processes")
     if mapper is None:
         mapper = GroundingDatasetMapper(cfg, True)
-    return build_detection_train_loader(cfg, mapper=mapper, dataset=get_train_dataset_dicts(cfg))
+    return ResumableTrainLoader(
+        get_train_dataset_dicts(cfg), mapper, total // world, aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+        num_workers=cfg.DATALOADER.NUM_WORKERS, seed=cfg.SEED if cfg.SEED >= 0 else None,
+    )
 
 
 def build_test_loader(cfg, dataset_name: str, mapper: Optional[GroundingDatasetMapper] = None):
