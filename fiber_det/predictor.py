@@ -40,6 +40,7 @@ from detectron2.config import get_cfg
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
+from detectron2.utils.logger import log_first_n
 
 from .checkpoint.checkpointer import FiberCheckpointer
 from .config import add_fiber_config
@@ -48,6 +49,7 @@ from .data.phrases import caption_phrases, phrase_spans
 from .data.prompts import build_label_to_tokens, chunk_category_prompts
 from .data.transforms import build_transforms
 from .modeling.meta_arch import reorder_instances
+from .utils.device import resolve_device
 
 __all__ = ["Detection", "ImageResult", "FIBERPredictor"]
 
@@ -115,7 +117,8 @@ class FIBERPredictor:
 
     Args:
         cfg: a fiber-det config; MODEL.WEIGHTS (if set) is loaded with FiberCheckpointer (strict;
-            official FIBER checkpoints are converted on the fly), MODEL.DEVICE picks the device.
+            official FIBER checkpoints are converted on the fly; files that would run code are
+            refused), MODEL.DEVICE picks the device (a CUDA device without CUDA: the CPU).
         amp_dtype: None (fp32) or torch.float16 / torch.bfloat16 (or their names) for autocast.
         batch_size: default images per forward. 1 by default: images of different resized sizes
             are zero-padded to a common size in a batch, which changes the features near their
@@ -126,6 +129,10 @@ class FIBERPredictor:
         self.amp_dtype = _amp_dtype(amp_dtype)
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.cfg = cfg.clone()
+        self.cfg.defrost()
+        self.cfg.MODEL.DEVICE = resolve_device(self.cfg.MODEL.DEVICE)
+        self.cfg.freeze()
+        logger.info("FIBERPredictor runs on %s", self.cfg.MODEL.DEVICE)
         self.model = build_model(self.cfg)
         self.model.eval()
         if self.cfg.MODEL.WEIGHTS:
@@ -145,8 +152,8 @@ class FIBERPredictor:
     def from_checkpoint(cls, config_file, weights: Optional[str] = None, opts: Optional[Sequence[str]] = None,
                         device: Optional[str] = None, **kwargs) -> "FIBERPredictor":
         """A predictor from a yaml file, a checkpoint (None: the config's MODEL.WEIGHTS), a
-        ``[KEY, VALUE, ...]`` override list and a device ("cpu", "cuda", ...; None: MODEL.DEVICE).
-        Other keyword arguments go to the constructor."""
+        ``[KEY, VALUE, ...]`` override list and a device ("cpu", "cuda", ...; None: MODEL.DEVICE,
+        whose default "cuda" means the CPU where CUDA is not available). Other keyword arguments go to the constructor."""
         cfg = add_fiber_config(get_cfg())
         cfg.merge_from_file(str(config_file))
         cfg.merge_from_list(list(opts or []))
@@ -239,10 +246,15 @@ class FIBERPredictor:
         for label, tokens in label_to_tokens.items():
             if max(tokens) >= self.max_query_len:
                 s, e = spans[label - 1]
+                phrase = caption[s:e] if e - s <= 60 else caption[s:s + 57] + "..."
                 raise ValueError(
-                    f"phrase {caption[s:e]!r} [{s}, {e}) lies past the first {self.max_query_len} tokens, where "
+                    f"phrase {phrase!r} [{s}, {e}) lies past the first {self.max_query_len} tokens, where "
                     "the caption is cut (MODEL.FIBER.TEXT.MAX_QUERY_LEN); shorten the caption"
                 )
+        num_tokens = len(self.tokenizer(caption)["input_ids"])
+        if num_tokens > self.max_query_len:
+            log_first_n(logging.WARNING, f"a caption of {num_tokens} tokens is cut to its first {self.max_query_len} "
+                        "(MODEL.FIBER.TEXT.MAX_QUERY_LEN); its phrases all lie before the cut", name=__name__)
         return {
             "caption": caption, "label_to_tokens": label_to_tokens,
             "label_names": {k + 1: caption[s:e] for k, (s, e) in enumerate(spans)},

@@ -220,3 +220,38 @@ def test_bfloat16_autocast_on_cpu(predictor, coffee_cup):
     assert abs(result.detections[0].score - reference.detections[0].score) < 0.02
     with pytest.raises(ValueError, match="amp_dtype"):
         FIBERPredictor(tiny_cfg(), amp_dtype=torch.float64)
+
+
+def test_default_device_is_the_cpu_without_cuda(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level("INFO", logger="fiber_det"):
+        predictor = make_predictor(MODEL__DEVICE="cuda")  # Detectron2's default
+    assert predictor.model.device.type == "cpu" and predictor.cfg.MODEL.DEVICE == "cpu"
+    assert "CUDA is not available: running on the CPU" in caplog.text and "FIBERPredictor runs on cpu" in caplog.text
+
+
+def test_a_long_caption_gives_fiber_dets_message_only(predictor, capfd, caplog, monkeypatch):
+    import collections
+
+    from detectron2.utils import logger as d2_logger
+
+    monkeypatch.setattr(d2_logger, "_LOG_COUNTER", collections.Counter())  # log_first_n starts afresh
+    caption = "a cup of coffee " + "and a very long description " * 180  # ~5,000 characters
+    assert len(caption) > 5000
+    results = predictor([COFFEE, CHELSEA], {"caption": caption}, input_format="RGB")
+    errors = [r.error for r in results]
+    # the free-text phrases include the whole caption, which runs past the 64-token cut
+    assert all(e is not None and "lies past the first 64 tokens" in e and len(e) < 300 for e in errors), errors
+    with caplog.at_level("WARNING"):
+        ok = predictor(COFFEE, {"caption": caption, "phrases": ["a cup", "coffee"]}, input_format="RGB")
+        predictor(COFFEE, {"caption": caption, "phrases": ["a cup"]}, input_format="RGB")
+    assert ok.error is None
+    assert "Token indices sequence length" not in capfd.readouterr().err + caplog.text  # transformers' warning
+    assert caplog.text.count("tokens is cut to its first 64 (MODEL.FIBER.TEXT.MAX_QUERY_LEN)") == 1  # once
+
+
+def test_an_extreme_aspect_ratio_image_is_answered(predictor):
+    result = predictor(np.zeros((20, 10000, 3), np.uint8), ["cat"])
+    assert result.error is None and (result.height, result.width) == (20, 10000)
+    for box in (d.box for d in result.detections):
+        assert 0 <= box[0] <= box[2] <= 10000 and 0 <= box[1] <= box[3] <= 20

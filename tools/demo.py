@@ -24,7 +24,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import fiber_det  # noqa: E402,F401
@@ -53,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score to draw and save")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward")
     p.add_argument("--amp", choices=["none", "fp16", "bf16"], default="none", help="autocast dtype")
-    p.add_argument("--cpu", action="store_true", help="run on the CPU")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU (default: CUDA when available)")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     args = p.parse_args(argv)
     if args.phrases and args.caption is None:
@@ -139,12 +138,8 @@ def main(argv=None) -> int:
     if isinstance(prompt, dict) and "phrases" not in prompt:
         how = "noun phrases of the TextBlob tagger" if tagger_available() else "the caption and its ,/and parts"
         logger.info("no --phrases: grounding %s", how)
-    device = "cpu" if args.cpu else None
-    if not args.cpu and not torch.cuda.is_available():
-        logger.warning("CUDA is not available: running on the CPU")
-        device = "cpu"
     predictor = FIBERPredictor.from_checkpoint(
-        args.config_file, args.weights, args.opts, device=device,
+        args.config_file, args.weights, args.opts, device="cpu" if args.cpu else None,
         amp_dtype=None if args.amp == "none" else args.amp, batch_size=args.batch_size,
     )
     files, failures = expand_inputs(args.input)

@@ -33,6 +33,7 @@ from fiber_det import add_fiber_config
 from fiber_det.checkpoint.checkpointer import FiberCheckpointer
 from fiber_det.engine.launch import BACKENDS, launch
 from fiber_det.engine.trainer import FiberTrainer, NonFiniteTrainingError, resolve_schedule
+from fiber_det.utils.device import resolve_device
 from fiber_det.utils.paths import check_dataset_root
 
 logger = logging.getLogger("fiber_det")
@@ -55,8 +56,7 @@ def setup(args):
     if args.eval_only and not cfg.MODEL.WEIGHTS and not args.random_weights:
         raise SystemExit("--eval-only without MODEL.WEIGHTS would score a randomly initialised model: give "
                          "MODEL.WEIGHTS <checkpoint>, or --random-weights to do that on purpose")
-    if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
-        cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.DEVICE = resolve_device(cfg.MODEL.DEVICE)
     if cfg.MODEL.DEVICE == "cpu":
         # Adam's second moments of rarely-updated weights decay into denormals, which x86 CPUs
         # process ~100x slower; flushing them to zero changes nothing measurable.

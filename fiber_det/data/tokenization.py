@@ -113,6 +113,9 @@ def build_tokenizer(path: Union[str, Path]):
     except Exception as e:  # re-raised with the folder named; the original stays chained
         raise ValueError(f"could not load a tokenizer from '{folder}': {e}") from e
     check_fast_tokenizer(tokenizer, source=str(folder))
+    # fiber-det truncates or chunks prompts at MODEL.FIBER.TEXT.MAX_QUERY_LEN itself and says so;
+    # transformers' warning against the tokenizer's own model_max_length would only mislead
+    tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     return tokenizer
 
 
