@@ -12,6 +12,7 @@ from detectron2.data import DatasetCatalog, build_detection_test_loader
 from detectron2.data.build import filter_images_with_only_crowd_annotations
 from detectron2.utils import comm
 
+from .box_report import report_boxes_outside_images
 from .mapper import GroundingDatasetMapper
 from .resumable_loader import ResumableTrainLoader
 
@@ -62,6 +63,7 @@ def get_train_dataset_dicts(cfg) -> List[dict]:
         if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS and all(d.get("task") == "detection" for d in entries):
             entries = filter_images_with_only_crowd_annotations(entries)
         logger.info("training set '%s': %d images x %d", name, len(entries), factor)
+        report_boxes_outside_images(name, entries)
         dicts.extend(list(entries) * factor)
     return dicts
 
