@@ -109,8 +109,9 @@ def _load_torch(path: str, map_location: str) -> Any:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if _TORCH_REFUSAL in str(e):
-            raise UnsafeCheckpointError(_refusal(path, _refused_globals(path, str(e)))) from None
+        refused = _refused_globals(path, str(e)) if _TORCH_REFUSAL in str(e) else []
+        if refused:
+            raise UnsafeCheckpointError(_refusal(path, refused)) from None
         raise CorruptCheckpointError(_diagnosis(path, e)) from e
     except (EOFError, RuntimeError, KeyError, ValueError, zipfile.BadZipFile) as e:
         raise CorruptCheckpointError(_diagnosis(path, e)) from e
@@ -125,12 +126,7 @@ def _refused_globals(path: str, message: str) -> List[str]:
     except Exception:  # legacy (non-zip) files: the message's name is all there is
         pass
     allowed = {f"{m}.{n}" for m, n in _ALLOWED_GLOBALS}
-    return sorted(set(found) - allowed) or ["(unnamed by torch: " + _first_reason(message) + ")"]
-
-
-def _first_reason(message: str) -> str:
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    return next((line for line in lines if "got" in line or "GLOBAL" in line), lines[-1] if lines else "")
+    return sorted(set(found) - allowed)
 
 
 def _refusal(path: str, refused: List[str]) -> str:
@@ -145,7 +141,10 @@ def _diagnosis(path: str, error: Exception) -> str:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(4)
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines and lines[0].startswith(_TORCH_REFUSAL):  # torch's advice to drop weights_only does not apply
+        lines = [line for line in lines[1:] if not line.startswith(("Please file", "Check the documentation"))]
+    message = lines[0] if lines else type(error).__name__
     if head == _TORCH_ZIP_MAGIC and not _zip_complete(path):
         first = f"the file is truncated ({size} bytes: a PyTorch checkpoint without its end)"
     elif isinstance(error, EOFError) or "EOF" in message or "truncated" in message:
