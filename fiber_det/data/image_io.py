@@ -18,7 +18,7 @@ ValueError for anything that cannot be decoded.
 """
 import contextlib
 import os
-from typing import Iterator, Tuple, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -34,7 +34,7 @@ _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 _EXIF_ORIENTATION_TAG = 0x0112
 
 
-def read_image(image: ImageSource, format: str = "BGR", *, name: str = None,
+def read_image(image: ImageSource, format: str = "BGR", *, name: Optional[str] = None,
                input_format: str = "BGR") -> np.ndarray:
     """Decodes a file, a PIL image or a numpy array into a (H, W, 3) uint8 array.
 
