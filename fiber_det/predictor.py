@@ -332,7 +332,9 @@ def _read_bgr(image, input_format: str, name: str) -> np.ndarray:
     try:
         return read_image(image, "BGR", name=name, input_format=input_format)
     except (OSError, ValueError) as e:
-        raise _ImageError(str(e) if name in str(e) else f"{name}: {e}") from e
+        if isinstance(image, (str, Path)):
+            raise _ImageError(f"{name}: cannot read the image ({type(e).__name__}: {e})") from e
+        raise _ImageError(str(e)) from e
 
 
 def _is_single_image(images) -> bool:

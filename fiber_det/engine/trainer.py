@@ -68,8 +68,8 @@ class FiberTrainStep(SimpleTrainer):
             so under fp16 it acts on unscaled gradients: GradScaler.step unscales first).
         amp_dtype: None (fp32), torch.float16 (with a GradScaler) or torch.bfloat16 (no scaler).
         max_neg_per_batch: skip the batch when all its images, or more than this fraction, have no
-            box (the official trainer skips such batches, as they carry almost no positive). All
-            processes skip together (the official per-process skip would stall DDP).
+            box (as the official trainer's SOLVER.MAX_NEG_PER_BATCH does). All processes skip
+            together (the official per-process skip would stall DDP).
         nonfinite_patience: a non-finite loss, or a non-finite gradient without a GradScaler (which
             handles those itself), skips the update (weights untouched, logged with the loss
             terms); this many in a row stop training with :class:`NonFiniteTrainingError`.
