@@ -69,10 +69,6 @@ class LegacyAnchorGenerator(nn.Module):
         """(stride, sizes, aspect ratios) per level (what checkpoint conversion checks against)."""
         return tuple((s, sz, self.aspect_ratios) for s, sz in zip(self.strides, self.sizes))
 
-    @property
-    def num_anchors_per_location(self) -> int:
-        return getattr(self.cell_anchors, "0").shape[0]
-
     def forward(self, grid_sizes: List[Tuple[int, int]]) -> List[torch.Tensor]:
         """[(H_l, W_l)] -> [(H_l * W_l * A, 4)] float32 anchors."""
         out = []
@@ -97,13 +93,12 @@ class LegacyBoxCoder:
 
     def encode(self, gt: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
         """(N, 4) boxes, (N, 4) anchors -> (N, 4) deltas."""
-        one = 1
-        aw = anchors[:, 2] - anchors[:, 0] + one
-        ah = anchors[:, 3] - anchors[:, 1] + one
+        aw = anchors[:, 2] - anchors[:, 0] + 1
+        ah = anchors[:, 3] - anchors[:, 1] + 1
         ax = (anchors[:, 2] + anchors[:, 0]) / 2
         ay = (anchors[:, 3] + anchors[:, 1]) / 2
-        gw = gt[:, 2] - gt[:, 0] + one
-        gh = gt[:, 3] - gt[:, 1] + one
+        gw = gt[:, 2] - gt[:, 0] + 1
+        gh = gt[:, 3] - gt[:, 1] + 1
         gx = (gt[:, 2] + gt[:, 0]) / 2
         gy = (gt[:, 3] + gt[:, 1]) / 2
         wx, wy, ww, wh = self.weights
@@ -114,9 +109,8 @@ class LegacyBoxCoder:
     def decode(self, deltas: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
         """(N, 4) deltas, (N, 4) anchors -> (N, 4) boxes."""
         anchors = anchors.to(deltas.dtype)
-        one = 1
-        w = anchors[:, 2] - anchors[:, 0] + one
-        h = anchors[:, 3] - anchors[:, 1] + one
+        w = anchors[:, 2] - anchors[:, 0] + 1
+        h = anchors[:, 3] - anchors[:, 1] + 1
         cx = (anchors[:, 2] + anchors[:, 0]) / 2
         cy = (anchors[:, 3] + anchors[:, 1]) / 2
         wx, wy, ww, wh = self.weights
