@@ -1,4 +1,4 @@
-"""The parity tool on a fixture of the B layout (FIXTURE_FORMAT.md): v3 weights, two images of
+"""The parity tool on a fixture of the B layout (two images, v3, per-image label maps): v3 weights, two images of
 different sizes, captions of different lengths, per-image label maps.
 
 The official batch-2 v3 fixture is kept by the maintainers, so this one is synthesised: fixture

@@ -1,4 +1,4 @@
-"""Dataset registration (spec §7.4, §8): COCO / LVIS / Objects365 / ODinW detection jsons and
+"""Dataset registration: COCO / LVIS / Objects365 / ODinW detection jsons and
 MDETR-style grounding jsons (Flickr30k Entities, RefCOCO/+/g, GoldG) as Detectron2 datasets.
 
 Importing this package registers the standard names (see :mod:`.builtin` and datasets/README.md).

@@ -162,7 +162,7 @@ def register_mdetr_grounding_dataset(
     readme_section: str = CUSTOM_GROUNDING_SECTION,
     **metadata,
 ) -> None:
-    """Registers an MDETR-style grounding json (captions used verbatim, spec §7.2 (c)).
+    """Registers an MDETR-style grounding json (captions used verbatim, as upstream trains on them).
 
     Lazy, as :func:`~.coco_style.register_json_dataset`: nothing is read until the dataset is loaded.
 
