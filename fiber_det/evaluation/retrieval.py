@@ -18,7 +18,8 @@ the model's ITM "match" logit and ranks by it, keys prefixed ``itm_``. "topk" (N
 protocol; faster) scores only the ITC top-k captions of each image (for i2t) and the ITC top-k
 images of each caption (for t2i); candidates rank by ITM before every non-candidate; keys
 prefixed ``itm_top<k>_``. The ITM scores come from ``itm_scorer(image_indices, caption_indices)``
--> float tensor (len(image_indices), len(caption_indices)) of logits; the evaluator calls it in
+-> float tensor (len(image_indices), len(caption_indices)) of logits (:class:`ItmScorer` builds
+one from the dataset, the mapper and the model's pair scoring); the evaluator calls it in
 ``evaluate()`` (after Detectron2 has left its inference context: the scorer must put the model in
 eval mode itself) under ``torch.no_grad()``, one image per call with all the captions that image
 needs, the images split over the processes.
@@ -48,7 +49,7 @@ from detectron2.utils.file_io import PathManager
 from .gather import gather_unique
 
 __all__ = [
-    "RetrievalEvaluator", "RETRIEVAL_SCORES_FILE", "ITM_MODES", "first_hit_ranks", "itm_candidates",
+    "RetrievalEvaluator", "ItmScorer", "RETRIEVAL_SCORES_FILE", "ITM_MODES", "first_hit_ranks", "itm_candidates",
     "score_retrieval", "load_retrieval_scores",
 ]
 
@@ -165,6 +166,46 @@ def load_retrieval_scores(path: str) -> "OrderedDict[str, Dict[str, float]]":
         itm = torch.from_numpy(data["itm"]) if "itm" in data else None
         topk = int(data["itm_topk"]) if "itm_topk" in data else 0
         return score_retrieval(torch.from_numpy(data["itc"]), caption_image, itm, topk)
+
+
+class ItmScorer:
+    """An ``itm_scorer`` for :class:`RetrievalEvaluator` built from the dataset and a pair scorer.
+
+    ``score_pairs(image_input, text_inputs) -> (len(text_inputs),)`` ITM logits is the model's
+    part: ``image_input`` is one mapped image item, ``text_inputs`` up to ``batch_size`` mapped
+    text items (official: the image repeated against batches of 64 captions). Each image is
+    mapped once per call; text items are mapped once and kept.
+    """
+
+    def __init__(self, items: Sequence[dict], mapper: Callable[[dict], dict],
+                 score_pairs: Callable[[dict, List[dict]], torch.Tensor], batch_size: int = 64):
+        """
+        Args:
+            items: :func:`~fiber_det.data.datasets.captions.retrieval_items` of the dataset.
+            mapper: the test-time mapper (``ImageCaptionMapper(cfg, False)``).
+            score_pairs: the model's ITM scoring of one image against a list of captions.
+            batch_size: captions per ``score_pairs`` call.
+        """
+        self._images = {it["image_index"]: it for it in items if it["modality"] == "image"}
+        self._texts = {it["caption_index"]: it for it in items if it["modality"] == "text"}
+        self._mapper, self._score_pairs, self._batch_size = mapper, score_pairs, int(batch_size)
+        self._mapped_texts: Dict[int, dict] = {}
+
+    def _text(self, caption_index: int) -> dict:
+        if caption_index not in self._mapped_texts:
+            self._mapped_texts[caption_index] = self._mapper(self._texts[caption_index])
+        return self._mapped_texts[caption_index]
+
+    def __call__(self, image_indices: Sequence[int], caption_indices: Sequence[int]) -> torch.Tensor:
+        rows = []
+        for i in image_indices:
+            image = self._mapper(self._images[i])
+            row = []
+            for start in range(0, len(caption_indices), self._batch_size):
+                texts = [self._text(t) for t in caption_indices[start:start + self._batch_size]]
+                row.append(torch.as_tensor(self._score_pairs(image, texts)).float().reshape(-1).cpu())
+            rows.append(torch.cat(row) if row else torch.zeros(0))
+        return torch.stack(rows)
 
 
 class RetrievalEvaluator(DatasetEvaluator):

@@ -164,3 +164,12 @@ def test_register_rejects_other_evaluators():
         register_caption_dataset("test_caption_coco", list, evaluator_type="coco")
     register_caption_dataset("test_caption_ok", lambda: [], evaluator_type="retrieval", note="x")
     assert MetadataCatalog.get("test_caption_ok").task == "caption"
+
+
+def test_docstring_examples():
+    import doctest
+
+    from fiber_det.data.datasets import captions
+
+    results = doctest.testmod(captions)
+    assert results.attempted >= 1 and results.failed == 0
