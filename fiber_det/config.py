@@ -80,10 +80,17 @@ def add_fiber_config(cfg: CN) -> CN:
     f.ATSS.NMS_TH = 0.6  # class-aware NMS IoU ("+1" widths); detections per image:
     # TEST.DETECTIONS_PER_IMAGE
 
+    _add_coarse_config(cfg)
     _add_data_config(cfg)
     _add_solver_config(cfg)
     _add_test_config(cfg)
     return cfg
+
+
+def _add_coarse_config(cfg: CN) -> None:
+    """The coarse-grained image-text stage."""
+    c = cfg.MODEL.FIBER.COARSE = CN()
+    c.IMAGE_SIZE = 384  # inputs are IMAGE_SIZE x IMAGE_SIZE; MODEL.FIBER.SWIN.WINDOW_SIZE must be IMAGE_SIZE / 32
 
 
 def _add_data_config(cfg: CN) -> None:
@@ -98,12 +105,10 @@ def _add_data_config(cfg: CN) -> None:
     # negative), P(all MAX_NEGATIVES), P(drop positives; must be 0 as upstream asserts); the rest
     # of the mass draws a uniform count in 1..MAX_NEGATIVES (spec §7.2 (b))
     p.USE_CAPTION_PROMPT = False  # wrap names with the dataset's caption_prompt metadata (ODinW)
-    c = cfg.INPUT.CAPTION = CN()  # image-caption data of the coarse stage (ImageCaptionMapper)
-    c.IMAGE_SIZE = 384  # side S of the square images: PIL bicubic resize to S x S, aspect ratio not
-    # kept (official: 384 for pre-training and ITM retrieval, 576 for ITC retrieval)
-    c.TRAIN_TRANSFORM = "albef"  # "albef" (resize only: the official pre-training) or
-    # "albef_randaug" (random resized crop, flip, RandomAugment: retrieval fine-tuning); the test
-    # transform is always "albef"
+    cfg.INPUT.CAPTION_TRANSFORM = "albef"  # image-caption training transform (ImageCaptionMapper):
+    # "albef" (square resize only: the official pre-training) or "albef_randaug" (random resized
+    # crop, flip, RandomAugment: retrieval fine-tuning); at test time always "albef". The square
+    # side is MODEL.FIBER.COARSE.IMAGE_SIZE
 
 
 def _add_solver_config(cfg: CN) -> None:

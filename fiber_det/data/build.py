@@ -15,7 +15,7 @@ from detectron2.data.common import DatasetFromList, MapDataset
 from detectron2.data.samplers import InferenceSampler
 
 from .caption_mapper import ImageCaptionMapper
-from .datasets.captions import retrieval_items
+from .datasets.caption_pairs import retrieval_items
 from .mapper import GroundingDatasetMapper
 
 __all__ = ["get_train_dataset_dicts", "build_train_loader", "build_test_loader", "build_retrieval_test_loader"]

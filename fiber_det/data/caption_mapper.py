@@ -1,11 +1,12 @@
 """ImageCaptionMapper: one caption dataset dict -> one coarse-model input.
 
-Input: the dicts of :mod:`fiber_det.data.datasets.captions` (one per (image, caption) pair), or
-the items of its evaluation view :func:`~fiber_det.data.datasets.captions.retrieval_items`
+Input: the dicts of :mod:`fiber_det.data.datasets.caption_pairs` (one per (image, caption) pair), or
+the items of its evaluation view :func:`~fiber_det.data.datasets.caption_pairs.retrieval_items`
 (``"modality"`` "image" or "text"). Output, per item:
 
-- ``"image"``: uint8 (3, S, S) RGB tensor, already resized (and augmented in training); the
-  model divides by 255 and normalises with the ImageNet mean/std. ``"height"``/``"width"``: S.
+- ``"image"``: uint8 (3, S, S) RGB tensor (S = ``MODEL.FIBER.COARSE.IMAGE_SIZE``), already
+  resized (and augmented in training, ``INPUT.CAPTION_TRANSFORM``); the model divides by 255 and
+  normalises with the ImageNet mean/std. ``"height"``/``"width"``: S.
 - ``"input_ids"``, ``"attention_mask"``, ``"special_tokens_mask"``: int64 (L,) with L =
   ``MODEL.FIBER.TEXT.MAX_QUERY_LEN``: ``<s>`` caption ``</s>``, truncated, padded to L (pads are
   special tokens), as the official per-caption tokenisation. MLM masking is the model's job.
@@ -31,7 +32,7 @@ from PIL import Image
 from detectron2.config import configurable
 
 from .caption_transforms import CAPTION_TRANSFORMS, build_caption_transform
-from .datasets.captions import read_arrow_image
+from .datasets.caption_pairs import read_arrow_image
 from .mapper import _tokenizer_at, read_image_bgr
 
 __all__ = ["ImageCaptionMapper", "read_caption_image"]
@@ -100,10 +101,10 @@ class ImageCaptionMapper:
         text = cfg.MODEL.FIBER.TEXT
         if not text.TOKENIZER:
             raise ValueError("MODEL.FIBER.TEXT.TOKENIZER is empty: the mapper needs the model's tokenizer folder")
-        name = cfg.INPUT.CAPTION.TRAIN_TRANSFORM if is_train else "albef"
+        name = cfg.INPUT.CAPTION_TRANSFORM if is_train else "albef"
         if name not in CAPTION_TRANSFORMS:
-            raise ValueError(f"INPUT.CAPTION.TRAIN_TRANSFORM must be one of {CAPTION_TRANSFORMS}, got {name!r}")
-        size = cfg.INPUT.CAPTION.IMAGE_SIZE
+            raise ValueError(f"INPUT.CAPTION_TRANSFORM must be one of {CAPTION_TRANSFORMS}, got {name!r}")
+        size = cfg.MODEL.FIBER.COARSE.IMAGE_SIZE
         return {
             "is_train": is_train,
             "transform": build_caption_transform(name, size),

@@ -1,6 +1,6 @@
 """Image–text retrieval recall: image->text and text->image R@1/5/10, ITC and ITM protocols.
 
-Inputs are the items of :func:`fiber_det.data.datasets.captions.retrieval_items`: one image item
+Inputs are the items of :func:`fiber_det.data.datasets.caption_pairs.retrieval_items`: one image item
 per image (the model answers ``{"image_embedding": (D,)}``) and one text item per caption
 (``{"text_embedding": (D,)}``), both unit-norm (the official ITC features are L2-normalised).
 
@@ -181,7 +181,7 @@ class ItmScorer:
                  score_pairs: Callable[[dict, List[dict]], torch.Tensor], batch_size: int = 64):
         """
         Args:
-            items: :func:`~fiber_det.data.datasets.captions.retrieval_items` of the dataset.
+            items: :func:`~fiber_det.data.datasets.caption_pairs.retrieval_items` of the dataset.
             mapper: the test-time mapper (``ImageCaptionMapper(cfg, False)``).
             score_pairs: the model's ITM scoring of one image against a list of captions.
             batch_size: captions per ``score_pairs`` call.

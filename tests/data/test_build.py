@@ -99,7 +99,7 @@ def test_loaders_feed_the_tiny_model():
 def caption_set(tmp_path):
     """A JSON-lines caption dataset of the three vendored photos, registered for retrieval."""
     from caption_files import write_jsonl
-    from fiber_det.data.datasets.captions import load_caption_jsonl, register_caption_dataset
+    from fiber_det.data.datasets.caption_pairs import load_caption_jsonl, register_caption_dataset
 
     name, path = f"test_build_captions_{uuid.uuid4().hex[:8]}", write_jsonl(tmp_path)
     register_caption_dataset(name, lambda: load_caption_jsonl(str(path), None, name), evaluator_type="retrieval")
@@ -109,7 +109,7 @@ def caption_set(tmp_path):
 
 
 def _caption_cfg(**overrides):
-    return tiny_cfg(INPUT__FORMAT="RGB", INPUT__CAPTION__IMAGE_SIZE=32, DATALOADER__NUM_WORKERS=0, **overrides)
+    return tiny_cfg(INPUT__FORMAT="RGB", MODEL__FIBER__COARSE__IMAGE_SIZE=32, DATALOADER__NUM_WORKERS=0, **overrides)
 
 
 def test_caption_train_loader_picks_the_caption_mapper(caption_set, two_datasets):

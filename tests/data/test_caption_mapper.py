@@ -12,7 +12,7 @@ from caption_files import PHOTOS, arrow_rows, write_arrow, write_jsonl
 from conftest import GPT2_DIR, tiny_cfg
 from fiber_det.data.caption_mapper import ImageCaptionMapper
 from fiber_det.data.caption_transforms import build_caption_transform
-from fiber_det.data.datasets.captions import load_caption_arrow, load_caption_jsonl, retrieval_items
+from fiber_det.data.datasets.caption_pairs import load_caption_arrow, load_caption_jsonl, retrieval_items
 
 S, L = 48, 12
 
@@ -104,13 +104,13 @@ def test_bad_image_skipped_and_counted_in_training(tmp_path, gpt2, caplog):
 
 
 def test_from_config(gpt2):
-    cfg = tiny_cfg(INPUT__FORMAT="RGB", INPUT__CAPTION__IMAGE_SIZE=64, MODEL__FIBER__TEXT__MAX_QUERY_LEN=20,
-                   INPUT__CAPTION__TRAIN_TRANSFORM="albef_randaug")
+    cfg = tiny_cfg(INPUT__FORMAT="RGB", MODEL__FIBER__COARSE__IMAGE_SIZE=64, MODEL__FIBER__TEXT__MAX_QUERY_LEN=20,
+                   INPUT__CAPTION_TRANSFORM="albef_randaug")
     train, test = ImageCaptionMapper(cfg, True), ImageCaptionMapper(cfg, False)
     assert (train.image_size, train.max_length, train.is_train) == (64, 20, True)
     assert len(train.transform.transforms) == 4 and len(test.transform.transforms) == 2  # test: plain albef
     assert str(GPT2_DIR).endswith(cfg.MODEL.FIBER.TEXT.TOKENIZER)
     with pytest.raises(ValueError, match="INPUT.FORMAT must be 'RGB'"):
         ImageCaptionMapper(tiny_cfg(), True)
-    with pytest.raises(ValueError, match="TRAIN_TRANSFORM must be one of"):
-        ImageCaptionMapper(tiny_cfg(INPUT__FORMAT="RGB", INPUT__CAPTION__TRAIN_TRANSFORM="randaug"), True)
+    with pytest.raises(ValueError, match="CAPTION_TRANSFORM must be one of"):
+        ImageCaptionMapper(tiny_cfg(INPUT__FORMAT="RGB", INPUT__CAPTION_TRANSFORM="randaug"), True)

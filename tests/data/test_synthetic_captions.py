@@ -13,7 +13,7 @@ import fiber_det  # noqa: F401  (compat fixes)
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from fiber_det.data.datasets import synthetic as shapes
 from fiber_det.data.datasets import synthetic_captions as sc
-from fiber_det.data.datasets.captions import retrieval_items
+from fiber_det.data.datasets.caption_pairs import retrieval_items
 
 OBJECT = re.compile(r"a (small|large) (\w+) (circle|square|triangle|cross)")
 

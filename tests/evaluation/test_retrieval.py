@@ -336,7 +336,7 @@ def test_end_to_end_on_synthetic_captions(tmp_path, caplog):
 
     sc.register_synthetic_captions(sc.generate_synthetic_captions(tmp_path / "set", num_train=1, num_val=40))
     try:
-        cfg = tiny_cfg(INPUT__FORMAT="RGB", INPUT__CAPTION__IMAGE_SIZE=64, DATALOADER__NUM_WORKERS=0)
+        cfg = tiny_cfg(INPUT__FORMAT="RGB", MODEL__FIBER__COARSE__IMAGE_SIZE=64, DATALOADER__NUM_WORKERS=0)
         loader = build_test_loader(cfg, "synthetic_captions_val")
         evaluator = build_evaluator(cfg, "synthetic_captions_val", str(tmp_path / "inference"))
         results = inference_on_dataset(_PaletteModel(), loader, evaluator)

@@ -12,8 +12,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
 
-from .captions import README_SECTION as CAPTIONS_SECTION
-from .captions import load_caption_arrow, load_karpathy_json, register_caption_dataset
+from .caption_pairs import README_SECTION as CAPTIONS_SECTION
+from .caption_pairs import load_caption_arrow, load_karpathy_json, register_caption_dataset
 from .coco_style import register_coco_grounding_dataset
 from .mdetr import register_mdetr_grounding_dataset
 

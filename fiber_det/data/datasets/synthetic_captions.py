@@ -33,7 +33,7 @@ from typing import List, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 
-from .captions import load_caption_jsonl, register_caption_dataset
+from .caption_pairs import load_caption_jsonl, register_caption_dataset
 from .synthetic import SPLITS, ImageSize, generate_sample
 
 __all__ = [

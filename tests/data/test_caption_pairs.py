@@ -8,7 +8,7 @@ import pytest
 from caption_files import NAMES, arrow_rows, photo_bytes, write_arrow, write_jsonl, write_karpathy
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from fiber_det.data.datasets import builtin
-from fiber_det.data.datasets.captions import (
+from fiber_det.data.datasets.caption_pairs import (
     load_caption_arrow,
     load_caption_jsonl,
     load_karpathy_json,
@@ -169,7 +169,7 @@ def test_register_rejects_other_evaluators():
 def test_docstring_examples():
     import doctest
 
-    from fiber_det.data.datasets import captions
+    from fiber_det.data.datasets import caption_pairs
 
-    results = doctest.testmod(captions)
+    results = doctest.testmod(caption_pairs)
     assert results.attempted >= 1 and results.failed == 0
