@@ -18,14 +18,14 @@ ValueError for anything that cannot be decoded.
 """
 import contextlib
 import os
-from typing import Iterator, Optional, Tuple, Union
+from typing import BinaryIO, Iterator, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["read_image", "image_size", "ImageSource"]
 
-ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageSource = Union[str, os.PathLike, BinaryIO, Image.Image, np.ndarray]
 
 _INTEGER_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _FORMATS = ("BGR", "RGB")
@@ -39,8 +39,9 @@ def read_image(image: ImageSource, format: str = "BGR", *, name: Optional[str] =
     """Decodes a file, a PIL image or a numpy array into a (H, W, 3) uint8 array.
 
     Args:
-        image: a path, a PIL image, or a numpy array (H, W), (H, W, 3) or (H, W, 4) of uint8 or
-            uint16 in ``input_format`` channel order (a 4th channel is alpha and dropped).
+        image: a path, an open binary file (e.g. ``io.BytesIO`` of encoded bytes), a PIL image,
+            or a numpy array (H, W), (H, W, 3) or (H, W, 4) of uint8 or uint16 in
+            ``input_format`` channel order (a 4th channel is alpha and dropped).
         format: channel order of the result, "BGR" (the model's) or "RGB".
         name: how errors call the image (default: the path, else "image").
         input_format: channel order of a numpy ``image`` ("BGR" or "RGB").
@@ -58,13 +59,15 @@ def read_image(image: ImageSource, format: str = "BGR", *, name: Optional[str] =
     if isinstance(image, (str, os.PathLike)):
         name = name or os.fspath(image)
         rgb = _decode_file(os.fspath(image), name)
+    elif hasattr(image, "read"):  # an open binary file, e.g. io.BytesIO of encoded bytes
+        rgb = _decode(image, name or "image")
     elif isinstance(image, Image.Image):
         rgb = _pil_to_rgb(ImageOps.exif_transpose(image), name or "image")
     elif isinstance(image, np.ndarray):
         rgb = _array_to_rgb(image, input_format, name or "image")
     else:
         raise ValueError(f"{name or 'image'}: unsupported image type {type(image).__name__} "
-                         "(a path, a PIL image or a numpy array)")
+                         "(a path, an open binary file, a PIL image or a numpy array)")
     return np.ascontiguousarray(rgb[:, :, ::-1] if format == "BGR" else rgb)
 
 
@@ -86,9 +89,7 @@ def image_size(file_name: Union[str, os.PathLike]) -> Tuple[int, int]:
 @contextlib.contextmanager
 def _open(file_name: str) -> Iterator[Image.Image]:
     """``Image.open`` whose errors name the file."""
-    if not os.path.isfile(file_name):
-        what = "is not a file" if os.path.exists(file_name) else "does not exist"
-        raise FileNotFoundError(f"image file '{file_name}' {what}")
+    _check_file(file_name)
     try:
         image = Image.open(file_name)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -97,12 +98,24 @@ def _open(file_name: str) -> Iterator[Image.Image]:
         yield image
 
 
+def _check_file(file_name: str) -> None:
+    if not os.path.isfile(file_name):
+        what = "is not a file" if os.path.exists(file_name) else "does not exist"
+        raise FileNotFoundError(f"image file '{file_name}' {what}")
+
+
 def _decode_file(file_name: str, name: str) -> np.ndarray:
-    with _open(file_name) as image:
-        try:
+    _check_file(file_name)
+    return _decode(file_name, name)
+
+
+def _decode(source, name: str) -> np.ndarray:
+    """Decodes a file name or an open binary file; ValueError naming ``name``."""
+    try:
+        with Image.open(source) as image:
             return _pil_to_rgb(ImageOps.exif_transpose(image), name)
-        except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # truncated or corrupt data
-            raise ValueError(f"cannot read image '{name}': {e}") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image '{name}': {e}") from e
 
 
 def _pil_to_rgb(image: Image.Image, name: str) -> np.ndarray:

@@ -14,7 +14,8 @@ worker's numpy/python RNG advances with the samples that worker happened to map.
   waiting in the groups}: loading it replays exactly the same batches.
 
 A sample whose mapping fails with ValueError or OSError (unreadable image, bad annotation) is
-skipped, counted and logged with its file name; training goes on. Consecutive failures beyond
+skipped, counted and logged with its file name; training goes on. A mapper may also return None
+to skip a sample (having logged why). Consecutive failures beyond
 ``min(50, 2 * len(dataset) + 1)`` mean a systematic error and raise.
 """
 import contextlib
@@ -86,7 +87,7 @@ class ResumableTrainLoader:
 
     Args:
         dataset: the dataset dicts (with "width" / "height" for aspect grouping).
-        mapper: dict -> model input (raises ValueError / OSError for a bad sample).
+        mapper: dict -> model input (raises ValueError / OSError, or returns None, for a bad sample).
         batch_size: samples per batch on this process.
         aspect_ratio_grouping: batch only images with w > h together, and w <= h together.
         num_workers: mapping processes (0: in the main process).
@@ -154,11 +155,13 @@ class ResumableTrainLoader:
         next_position, skipped, failures = state["next_position"], state["skipped"], 0
         for position, mapped, error in loader:
             next_position = max(next_position, position + 1)
-            if mapped is None:
+            if mapped is None:  # a mapping error, or a mapper that skips the sample itself (and says why)
                 skipped, failures = skipped + 1, failures + 1
-                logger.warning("skipped training sample %s (%d skipped so far)", error, skipped)
+                if error is not None:
+                    logger.warning("skipped training sample %s (%d skipped so far)", error, skipped)
                 if failures >= self.max_consecutive_failures:
-                    raise RuntimeError(f"{failures} training samples in a row failed to load; the last: {error}")
+                    raise RuntimeError(f"{failures} training samples in a row failed to load; the last: "
+                                       f"{error or 'skipped by the mapper'}")
                 continue
             failures = 0
             group = groups[self._group_of(mapped)]

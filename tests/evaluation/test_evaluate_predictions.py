@@ -118,6 +118,25 @@ def test_only_the_dumped_entries_are_scored(tool, tmp_path):
     assert set(results["refexp"].values()) == {100.0}
 
 
+def test_retrieval(tool, tmp_path):
+    import test_retrieval as retrieval_cases
+    from fiber_det.evaluation.retrieval import RETRIEVAL_SCORES_FILE, RetrievalEvaluator
+
+    inputs, outputs = retrieval_cases._items(n_img=12, n_txt=30)
+    itc, _ = retrieval_cases._expected(inputs, outputs)
+    evaluator = RetrievalEvaluator("test_set", output_dir=str(tmp_path), distributed=False, itm_mode="topk",
+                                   itm_topk=10, itm_scorer=retrieval_cases._scorer(itc, []))
+    expected = retrieval_cases._run(evaluator, inputs, outputs)
+    assert "itm_top10_t2i_R@5" in expected["retrieval"]
+    results = tool.main(["--task", "retrieval", "--predictions", str(tmp_path / RETRIEVAL_SCORES_FILE)])
+    assert_same(results, expected)
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a retrieval dump"):
+        tool.main(["--task", "retrieval", "--predictions", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--task", "coco", "--predictions", "p.json"])  # --gt is required there
+
+
 @pytest.mark.parametrize("case, message", [
     ("unknown_image", "results.json: 1 result(s) name a image_id that {gt} lacks in 'images', e.g. [42]"),
     ("unknown_category", "results.json: 2 result(s) name a category_id that {gt} lacks in 'categories', e.g. [7]"),
