@@ -251,7 +251,7 @@ def test_a_long_caption_gives_fiber_dets_message_only(predictor, capfd, caplog, 
     results = predictor([COFFEE, CHELSEA], {"caption": caption}, input_format="RGB")
     errors = [r.error for r in results]
     # the free-text phrases include the whole caption, which runs past the 64-token cut
-    assert all(e is not None and "lies past the first 64 tokens" in e and len(e) < 300 for e in errors), errors
+    assert all(e is not None and "lies past the first 63 tokens" in e and len(e) < 300 for e in errors), errors
     with caplog.at_level("WARNING"):
         ok = predictor(COFFEE, {"caption": caption, "phrases": ["a cup", "coffee"]}, input_format="RGB")
         predictor(COFFEE, {"caption": caption, "phrases": ["a cup"]}, input_format="RGB")
