@@ -37,8 +37,8 @@ def _train_net(out, root, *extra):
            "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, str(REPO / "tools" / "train_net.py"), "--config-file",
            str(REPO / "configs" / "quick_schedules" / "FIBER-tiny.yaml"), *extra, *TRAIN_ARGS, "OUTPUT_DIR", str(out)]
-    log = open(f"{out}.log", "a")  # a file: a pipe nobody reads would block the process once full
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    with open(f"{out}.log", "a") as log:  # a file: a pipe nobody reads would block the process once full
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
 def _log(out) -> str:
