@@ -154,7 +154,7 @@ def _official_swin_checkpoint(window_size=7, seed=0, num_classes=10):
 
 def _fused_swin(i2t_query_norm=False):
     torch.manual_seed(3)
-    return SwinTransformer(**TINY_SWIN, window_size=7, text_dim=64, num_fused_blocks=2, i2t_query_norm=i2t_query_norm)
+    return SwinTransformer(**TINY_SWIN, window_size=7, text_dim=64, fused_blocks=[(2, 1), (3, 0)], i2t_query_norm=i2t_query_norm)
 
 
 @pytest.mark.parametrize("i2t_query_norm", [False, True], ids=["v2", "v3"])

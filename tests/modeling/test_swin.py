@@ -3,11 +3,12 @@ import pytest
 import torch
 
 from conftest import tiny_model
+from fiber_det.modeling.backbone.fusion import fusion_schedule
 from fiber_det.modeling.backbone.swin import SwinTransformer
 
 # parameters of the upstream ImageNet classifiers (swin_tiny/small_patch4_window7_224,
 # swin_base_patch4_window12_384 as FIBER uses), minus the 1000-class head; with out_indices=(3,)
-# our norm3 stands where their final norm is. Swin-B here = spec §1's "Swin body 86.88 M".
+# our norm3 stands where their final norm is. Swin-B here is the official FIBER Swin body (86.88 M).
 UPSTREAM_BODY_PARAMS = {"T": 28_288_354 - 769_000, "S": 49_606_258 - 769_000, "B": 87_903_584 - 1_025_000}
 
 
@@ -20,7 +21,9 @@ def test_presets_match_upstream_parameter_counts(name):
 
 def test_upstream_names_and_fused_blocks():
     with torch.device("meta"):
-        swin = SwinTransformer.from_preset("B", text_dim=768, num_fused_blocks=6, i2t_query_norm=True)
+        schedule = fusion_schedule((2, 2, 18, 2), 128, 12, 6)
+        swin = SwinTransformer.from_preset("B", text_dim=768, fused_blocks=[(p.stage, p.block) for p in schedule],
+                                           i2t_query_norm=True)
     keys = set(swin.state_dict())
     assert "patch_embed.proj.weight" in keys and "layers.2.downsample.reduction.weight" in keys
     assert {"norm1.weight", "norm2.weight", "norm3.weight"} <= keys and "norm0.weight" not in keys
