@@ -83,16 +83,14 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
             pixel_mean, pixel_std: RGB, 0-1 units (applied after /255).
             tokenizer: a HF tokenizer with a mask token (needed for MLM training only).
             vocab_size: rows of the MLM decoder.
-            itc, itm, mlm: the objectives; ITM draws its negatives from the ITC scores.
+            itc, itm, mlm: the objectives (heads built); training ITM draws its negatives from the
+                ITC scores, so it needs ITC, while ITM retrieval scoring does not.
             queue_size, temperature: ITC queue length and initial temperature.
             mlm_probability: MLM selection rate.
             fused_output_norms: apply the Swin final norm and the last text layer's output
                 LayerNorm on the fused path too (official: False).
         """
         super().__init__()
-        if itm and not itc:
-            raise ValueError("ITM needs ITC (MODEL.FIBER.COARSE.ITC_ON): its negatives are sampled from the ITC "
-                             "scores; ITM with random negatives from the data loader is not implemented")
         if backbone.vision.norm is None:
             raise ValueError("the coarse model needs a Swin with a final norm (FusionBottomUp(cfg, final_norm=True))")
         if max(pixel_mean) > 1 or max(pixel_std) > 1:
@@ -249,6 +247,10 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
             {"loss_mlm", "loss_itc", "loss_itm"} of the enabled objectives. In training mode the
             ITC queue receives this batch after the hard negatives were drawn.
         """
+        if self.use_itm and not self.use_itc:
+            raise ValueError("ITM training needs ITC (MODEL.FIBER.COARSE.ITC_ON): its negatives are sampled from "
+                             "the ITC scores; the official ITM-only fine-tuning with random negatives from the "
+                             "data loader is not implemented (ITM scoring for retrieval works without ITC)")
         record = {} if record is None else record
         losses = {}
         if self.use_mlm:

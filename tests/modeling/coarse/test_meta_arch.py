@@ -65,9 +65,14 @@ def test_objective_switches(itc, itm, mlm):
         assert hasattr(model.queue, "image_input_queue") == itm  # inputs are kept for ITM only
 
 
-def test_itm_without_itc_is_refused():
-    with pytest.raises(ValueError, match="ITM needs ITC"):
-        coarse_model(MODEL__FIBER__COARSE__ITC_ON=False)
+def test_itm_without_itc_scores_but_does_not_train():
+    # the official ITM retrieval fine-tunes have no ITC queue; their ITM head still scores pairs
+    model = coarse_model(MODEL__FIBER__COARSE__ITC_ON=False)
+    assert not hasattr(model, "queue") and "temp" not in model.state_dict()
+    batch = pair_inputs(model, 2)
+    assert model.eval().itm_score_matrix(batch, batch).shape == (2, 2)
+    with pytest.raises(ValueError, match="ITM training needs ITC"):
+        model.train()(batch)
 
 
 def test_window_must_be_image_size_over_32():
@@ -132,3 +137,36 @@ def test_bad_inputs_are_named():
     model.train()
     with pytest.raises(ValueError, match="'special_tokens_mask'"):
         model([{k: v for k, v in x.items() if k != "special_tokens_mask"} for x in batch])
+
+
+def test_negative_from_a_queue_entry_the_same_step_overwrites():
+    # the queue wraps around during the step: entry 0 is drawn as text 0's negative image and then
+    # overwritten by the enqueue; ITM must still pair text 0 with the old entry 0 (official: the
+    # negatives are gathered before the enqueue)
+    model = coarse_model(MODEL__FIBER__SWIN__DROP_PATH_RATE=0.0, MODEL__FIBER__TEXT__DROPOUT=0.0,
+                         MODEL__FIBER__TEXT__ATTENTION_DROPOUT=0.0)
+    batch = pair_inputs(model, 2)
+    images = model.preprocess_images(batch)
+    ids, mask = model.text_inputs(batch)
+    old_entry = model.preprocess_images([{"image": square_photo("astronaut", 64)}])[0]
+    q = model.queue
+    with torch.no_grad():
+        t = model.text_features(ids, mask)
+        q.image_queue.copy_(-t[0][:, None].expand_as(q.image_queue))
+        q.image_queue[:, 0] = t[0]  # entry 0 is by far text 0's hardest image
+        q.image_input_queue.copy_(images[1].expand_as(q.image_input_queue))
+        q.image_input_queue[0] = old_entry
+        q.text_input_queue.copy_(ids[1].expand_as(q.text_input_queue))
+        q.text_input_mask_queue.copy_(mask[1].expand_as(q.text_input_mask_queue))
+        q.queue_ptr.fill_(q.size - 1)
+        q.queue_total.fill_(q.size - 1)
+    record = {}
+    model.train()
+    model.losses(images, ids, mask, ids, torch.full_like(ids, -100), record=record)
+    assert int(record["image_neg"][0]) == 2  # candidate 2 = queue entry 0
+    assert int(q.queue_ptr) == 1 and int(q.queue_total) == q.size + 1
+    assert torch.equal(q.image_input_queue[0], images[1]) and torch.equal(q.image_input_queue[-1], images[0])
+    model.eval()
+    with torch.no_grad():
+        expected = model.itm_score(model.fused_features(old_entry[None], ids[:1], mask[:1])["cls_feats"])
+    torch.testing.assert_close(record["itm_logits"][4], expected[0], atol=1e-5, rtol=1e-5)  # row 2B + 0
