@@ -396,12 +396,11 @@ class SwinTransformer(nn.Module):
         self.block_positions: List[Tuple[int, int]] = [(i, j) for i, d in enumerate(depths) for j in range(d)]
         self.layers = nn.ModuleList()
         for i, depth in enumerate(depths):
-            dim = self.num_features[i]
+            dim, first = self.num_features[i], sum(depths[:i])
             blocks = [
                 SwinBlock(
                     dim, num_heads[i], window_size, 0 if j % 2 == 0 else window_size // 2, mlp_ratio,
-                    dpr[self.block_positions.index((i, j))], text_dim if (i, j) in fused else None,
-                    i2t_query_norm, shift_single_window,
+                    dpr[first + j], text_dim if (i, j) in fused else None, i2t_query_norm, shift_single_window,
                 )
                 for j in range(depth)
             ]
