@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "transformers==5.23.0",
     "tokenizers==0.23.3",
     "opencv-python-headless==4.11.0.86",
+    "pyarrow==26.0.1",  # the official image-caption Arrow files of the coarse stage
     # lvis==0.5.3 is needed by LVIS evaluation; the set-up script installs it with --no-deps
     # because its own requirements pull the GUI opencv-python next to the headless one.
 ]

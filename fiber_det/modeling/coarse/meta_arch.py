@@ -16,9 +16,12 @@ Training returns {"loss_mlm", "loss_itc", "loss_itm"} (the enabled ones, in the 
 Detectron2 sums them, which is the official total). MLM masks are drawn here, not by the mapper
 (:class:`~.objectives.MLMMasker`). The ITC queue is updated after every training step.
 Evaluation returns, per input, {"image_embedding": (H,), "text_embedding": (H,)}: the unit-norm
-ITC features (their dot product is the ITC retrieval score). Retrieval over whole sets:
-:meth:`~.retrieval.RetrievalMixin.retrieval_image_embeddings`, ``retrieval_text_embeddings``,
-``itc_score_matrix``, ``itm_score_matrix`` (exhaustive, official) and ``itm_rerank`` (ITC top-k).
+ITC features (their dot product is the ITC retrieval score). Retrieval evaluation items carry one
+half only ("modality" image: no text fields; "modality" text: no "image") and get that half's
+embedding only. ITM scoring: ``score_pairs(image_input, text_inputs)`` (one image against a list
+of captions, the evaluator's ``ItmScorer`` hook), and over whole sets
+:meth:`~.retrieval.RetrievalMixin.itc_score_matrix`, ``itm_score_matrix`` (exhaustive, official)
+and ``itm_rerank`` (ITC top-k, not official).
 
 The ITC queue is not part of ``state_dict()`` (the official loader drops it from every checkpoint
 it loads); a trainer that wants ``--resume`` to continue with the same queue (as the official
@@ -221,12 +224,10 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
 
     # ---- forward ----
     def forward(self, batched_inputs: List[dict]):
+        if not self.training:
+            return self.embeddings(batched_inputs)
         images = self.preprocess_images(batched_inputs)
         input_ids, attention_mask = self.text_inputs(batched_inputs)
-        if not self.training:
-            with torch.no_grad():
-                v, t = self.image_features(images), self.text_features(input_ids, attention_mask)
-            return [{"image_embedding": v[i], "text_embedding": t[i]} for i in range(len(batched_inputs))]
         mlm_ids = mlm_labels = None
         if self.use_mlm:
             if self.masker is None:
@@ -234,6 +235,26 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
             (special,) = self.text_inputs(batched_inputs, keys=("special_tokens_mask",))
             mlm_ids, mlm_labels = self.masker(input_ids, special)
         return self.losses(images, input_ids, attention_mask, mlm_ids, mlm_labels)
+
+    @torch.no_grad()
+    def embeddings(self, batched_inputs: List[dict]) -> List[Dict[str, torch.Tensor]]:
+        """Unit-norm contrastive features of each input's halves: "image_embedding" (H,) when it
+        has an "image", "text_embedding" (H,) when it has "input_ids" (retrieval items carry one)."""
+        has_image = [i for i, x in enumerate(batched_inputs) if "image" in x]
+        has_text = [i for i, x in enumerate(batched_inputs) if "input_ids" in x]
+        neither = sorted(set(range(len(batched_inputs))) - set(has_image) - set(has_text))
+        if neither:
+            raise ValueError(f"inputs {neither} have neither 'image' nor 'input_ids'")
+        out: List[Dict[str, torch.Tensor]] = [{} for _ in batched_inputs]
+        if has_image:
+            v = self.image_features(self.preprocess_images([batched_inputs[i] for i in has_image]))
+            for i, row in zip(has_image, v):
+                out[i]["image_embedding"] = row
+        if has_text:
+            t = self.text_features(*self.text_inputs([batched_inputs[i] for i in has_text]))
+            for i, row in zip(has_text, t):
+                out[i]["text_embedding"] = row
+        return out
 
     def losses(self, images, input_ids, attention_mask, mlm_input_ids=None, mlm_labels=None,
                record: Optional[dict] = None) -> Dict[str, torch.Tensor]:

@@ -43,6 +43,20 @@ class RetrievalMixin:
         return self.itm_score.match_logit(self.fused_features(images, input_ids, attention_mask)["cls_feats"])
 
     @torch.no_grad()
+    def score_pairs(self, image_input: dict, text_inputs: Sequence[dict]) -> torch.Tensor:
+        """ITM match logits of one image against captions, in one fused forward (the image
+        repeated, as the official evaluation does with batches of 64 captions); runs in eval mode
+        whatever the model's mode. -> (len(text_inputs),) float32 CPU."""
+        was_training = self.training
+        self.eval()
+        try:
+            pixels = self.preprocess_images([image_input])
+            ids, mask = self.text_inputs(list(text_inputs))
+            return self.itm_scores(pixels.expand(len(text_inputs), -1, -1, -1), ids, mask).float().cpu()
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
     def itm_score_matrix(self, images: Sequence[dict], captions: Sequence[dict], pairs_per_batch: int = 64) -> torch.Tensor:
         """(N, M) ITM match logits of every (image, caption) pair, as the official evaluation
         computes them (exhaustively, no ITC pre-selection): N·M fused passes, ``pairs_per_batch``
@@ -51,7 +65,7 @@ class RetrievalMixin:
         scores = torch.empty(n * m)
         for s in range(0, n * m, pairs_per_batch):
             flat = torch.arange(s, min(s + pairs_per_batch, n * m))
-            scores[flat] = self._score_pairs(images, captions, flat // m, flat % m)
+            scores[flat] = self._score_indexed_pairs(images, captions, flat // m, flat % m)
         return scores.view(n, m)
 
     @torch.no_grad()
@@ -86,10 +100,10 @@ class RetrievalMixin:
         for matrix, rows, cols in pairs:
             for s in range(0, len(rows), pairs_per_batch):
                 i, j = rows[s:s + pairs_per_batch], cols[s:s + pairs_per_batch]
-                matrix[i, j] = self._score_pairs(images, captions, i, j)
+                matrix[i, j] = self._score_indexed_pairs(images, captions, i, j)
         return i2t, t2i
 
-    def _score_pairs(self, images: Sequence[dict], captions: Sequence[dict], img_idx: torch.Tensor,
+    def _score_indexed_pairs(self, images: Sequence[dict], captions: Sequence[dict], img_idx: torch.Tensor,
                      txt_idx: torch.Tensor) -> torch.Tensor:
         """ITM match logits of the pairs (images[img_idx[p]], captions[txt_idx[p]]) -> (P,) CPU."""
         unique, inverse = torch.unique(img_idx, return_inverse=True)

@@ -52,3 +52,45 @@ def test_topk_rerank_scores_only_the_itc_top_k(setup):
     i2t, t2i = model.itm_rerank(images, captions, itc, k=5)  # k beyond the set sizes: exhaustive
     torch.testing.assert_close(i2t, full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(t2i, full, atol=1e-5, rtol=1e-5)
+
+
+def _halves(batch):
+    """Retrieval evaluation items: one image item and one text item per pair."""
+    images = [{"modality": "image", "image": x["image"], "image_index": x["image_index"], "image_id": str(i)}
+              for i, x in enumerate(batch)]
+    texts = [{"modality": "text", "input_ids": x["input_ids"], "attention_mask": x["attention_mask"],
+              "image_index": x["image_index"], "caption_index": x["caption_index"], "image_id": str(i)}
+             for i, x in enumerate(batch)]
+    return images, texts
+
+
+def test_evaluation_items_carry_one_half(setup):
+    model, batch, _ = setup
+    images, texts = _halves(batch)
+    out = model(images[:1] + texts)
+    assert set(out[0]) == {"image_embedding"} and all(set(o) == {"text_embedding"} for o in out[1:])
+    full = model(batch)
+    torch.testing.assert_close(out[0]["image_embedding"], full[0]["image_embedding"], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out[2]["text_embedding"], full[1]["text_embedding"], atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"inputs \[0\] have neither"):
+        model([{"image_index": 0}])
+
+
+def test_score_pairs_feeds_the_retrieval_evaluator(setup):
+    from fiber_det.evaluation.retrieval import ItmScorer, RetrievalEvaluator
+
+    model, batch, _ = setup
+    model.train()  # score_pairs runs in eval mode whatever the model's mode, and restores it
+    row = model.score_pairs(batch[0], batch)
+    assert model.training and row.shape == (3,)
+    model.eval()
+    full = model.itm_score_matrix(batch, batch)
+    torch.testing.assert_close(row, full[0], atol=1e-5, rtol=1e-5)
+    images, texts = _halves(batch)
+    scorer = ItmScorer(images + texts, mapper=lambda item: item, score_pairs=model.score_pairs, batch_size=2)
+    evaluator = RetrievalEvaluator("coarse_pairs", distributed=False, itm_mode="exhaustive", itm_scorer=scorer)
+    evaluator.reset()
+    evaluator.process(images + texts, model(images + texts))
+    results = evaluator.evaluate()["retrieval"]
+    assert {"i2t_R@1", "t2i_R@1", "itm_i2t_R@1", "itm_t2i_R@10"} <= set(results)
+    torch.testing.assert_close(scorer([0, 1, 2], [0, 1, 2]), full, atol=1e-5, rtol=1e-5)
