@@ -108,6 +108,16 @@ def build_cfg(args, checkpoint):
     return cfg
 
 
+def print_report(report) -> None:
+    print(f"[convert] {report.summary()}")
+    for key in report.dropped:
+        print(f"[convert] dropped: {key}")
+    for note in report.notes:
+        print(f"[convert] note: {note}")
+    if report.fresh:
+        print(f"[convert] {len(report.fresh)} model tensors stay at their initialisation (e.g. {report.fresh[0]})")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="official checkpoint (.pth / .pt)")
@@ -150,13 +160,7 @@ def main(argv=None) -> int:
     except (ConversionError, ValueError, KeyError) as e:
         print(f"[convert] ERROR: {e}", file=sys.stderr)
         return 1
-    print(f"[convert] {report.summary()}")
-    for key in report.dropped:
-        print(f"[convert] dropped: {key}")
-    for note in report.notes:
-        print(f"[convert] note: {note}")
-    if report.fresh:
-        print(f"[convert] {len(report.fresh)} model tensors stay at their initialisation (e.g. {report.fresh[0]})")
+    print_report(report)
     try:
         report.raise_if_errors()
     except ConversionError as e:

@@ -16,7 +16,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..modeling.backbone.swin import relative_position_index, shift_window_mask
+from ..modeling.backbone.windows import relative_position_index, shift_window_mask
 from .convert import ConversionError, ConversionReport, unwrap_checkpoint
 
 __all__ = [

@@ -10,7 +10,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from ..modeling.backbone.swin import relative_position_index
+from ..modeling.backbone.windows import relative_position_index
 from ..modeling.head.atss import generate_cell_anchors
 from .rename_table import DROPPED, REGENERATED_BUFFERS, V3_MARKER, rename_key
 

@@ -21,7 +21,8 @@ from typing import Dict, List
 
 import torch
 
-from ..modeling.backbone.swin import SwinTransformer, relative_position_index
+from ..modeling.backbone.swin import SwinTransformer
+from ..modeling.backbone.windows import relative_position_index
 from ..modeling.backbone.text import TextEncoder, TextEncoderConfig
 from ..utils.paths import resolve_path
 from .convert import list_problems

@@ -14,7 +14,7 @@ from fiber_det.checkpoint.checkpointer import FiberCheckpointer
 from fiber_det.checkpoint.coarse import convert_coarse_state_dict, convert_official_coarse_state_dict
 from fiber_det.checkpoint.convert import ConversionError
 from fiber_det.checkpoint.official_coarse_config import translate_official_coarse_config
-from fiber_det.modeling.backbone.swin import relative_position_index, shift_window_mask
+from fiber_det.modeling.backbone.windows import relative_position_index, shift_window_mask
 from fiber_det.modeling.coarse.queue import QueueCheckpoint
 
 COARSE_DEV = FIXTURES / "fiber_coarse_ref_dev.pt"

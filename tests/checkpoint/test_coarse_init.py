@@ -14,7 +14,7 @@ from checkpoint_test_utils import pooled_tensors, run_tool, write_fixture_side_f
 from conftest import tiny_model
 from fiber_det.checkpoint.coarse import convert_coarse_state_dict
 from fiber_det.checkpoint.convert import ConversionError
-from fiber_det.modeling.backbone.swin import relative_position_index
+from fiber_det.modeling.backbone.windows import relative_position_index
 
 VISION, TEXT = "backbone.bottom_up.vision.", "backbone.bottom_up.text."
 OUTPUT_NORM = re.compile(r"^backbone\.bottom_up\.vision\.norm[123]\.")

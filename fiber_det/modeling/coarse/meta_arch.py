@@ -105,20 +105,7 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
         self.fused_output_norms = fused_output_norms
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
-        text_dim, image_dim = backbone.text.config.hidden_size, backbone.vision.num_features[-1]
-        heads = nn.ModuleDict()
-        heads["cross_modal_text_transform"] = nn.Linear(text_dim, embed_dim)
-        heads["cross_modal_image_transform"] = nn.Linear(image_dim, embed_dim)
-        heads["cross_modal_text_transform_itc"] = nn.Linear(text_dim, embed_dim)
-        heads["cross_modal_image_transform_itc"] = nn.Linear(image_dim, embed_dim)
-        for name in ("image", "text"):
-            heads[f"cross_modal_{name}_pooler"] = Pooler(embed_dim)
-            heads[f"cross_modal_{name}_pooler_itc"] = Pooler(embed_dim)
-        if mlm:
-            heads["mlm_score"] = MLMHead(embed_dim, vocab_size)
-        if itm:
-            heads["itm_score"] = ITMHead(2 * embed_dim)
-        heads.apply(init_head_weights)
+        heads = _build_heads(backbone, embed_dim, vocab_size, mlm, itm)
         for name, module in heads.items():  # official names at the top level
             self.add_module(name, module)
         if itc:
@@ -313,6 +300,26 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
                                  f"MODEL.FIBER.TEXT.MAX_QUERY_LEN = {self.text_length}")
             self.queue.push(v, t, images, input_ids, attention_mask)
         return loss, negatives
+
+
+def _build_heads(backbone: FusionBottomUp, embed_dim: int, vocab_size: int, mlm: bool, itm: bool) -> nn.ModuleDict:
+    """Projections and poolers of both paths (always built, as officially), the MLM and ITM
+    heads, with the official initialisation."""
+    text_dim, image_dim = backbone.text.config.hidden_size, backbone.vision.num_features[-1]
+    heads = nn.ModuleDict()
+    heads["cross_modal_text_transform"] = nn.Linear(text_dim, embed_dim)
+    heads["cross_modal_image_transform"] = nn.Linear(image_dim, embed_dim)
+    heads["cross_modal_text_transform_itc"] = nn.Linear(text_dim, embed_dim)
+    heads["cross_modal_image_transform_itc"] = nn.Linear(image_dim, embed_dim)
+    for name in ("image", "text"):
+        heads[f"cross_modal_{name}_pooler"] = Pooler(embed_dim)
+        heads[f"cross_modal_{name}_pooler_itc"] = Pooler(embed_dim)
+    if mlm:
+        heads["mlm_score"] = MLMHead(embed_dim, vocab_size)
+    if itm:
+        heads["itm_score"] = ITMHead(2 * embed_dim)
+    heads.apply(init_head_weights)
+    return heads
 
 
 def _token_mean(x: torch.Tensor) -> torch.Tensor:
