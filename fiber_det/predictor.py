@@ -13,13 +13,15 @@ Prompts (one shared by all images, or a list with one per image):
     else the whole caption plus its comma / "and"-separated parts);
   * category names: a list of strings (label k + 1 is name k). A vocabulary whose prompt exceeds
     MODEL.FIBER.TEXT.MAX_QUERY_LEN tokens (or any, with TEST.CHUNK_SIZE > 0) is split into chunk
-    prompts that the model runs and concatenates; the predictor then applies class-aware NMS
-    across chunks (``torchvision.ops.batched_nms`` at MODEL.FIBER.ATSS.NMS_TH, plain IoU: a
-    no-op, since every label lives in one chunk, kept so the merge needs no such assumption) and
-    keeps the TEST.DETECTIONS_PER_IMAGE best (exactly that many, not upstream's tie-keeping k-th
-    value rule).
-A list of strings is always a shared vocabulary; a list holding dicts or lists is per image (its
-strings are then captions), so per-image captions are best given as ``{"caption": ...}`` dicts.
+    prompts (:meth:`fiber_det.data.prompt.PromptBuilder.chunks`) that the model runs and merges
+    with :func:`fiber_det.modeling.postprocess.merge_chunk_detections`, the evaluators' rule,
+    except that the merged list keeps only the TEST.DETECTIONS_PER_IMAGE best (exactly that many,
+    not upstream's tie-keeping k-th value rule, which stays within each chunk);
+  * a :class:`fiber_det.data.prompt.Prompt` made with this predictor's ``prompt_builder`` (used as
+    it is; its labels' first spans are reported).
+A list of strings is always a shared vocabulary; a list holding dicts, lists or prompts is per
+image (its strings are then captions), so per-image captions are best given as
+``{"caption": ...}`` dicts.
 
 Bad input for one image (unreadable file, empty caption, a phrase not in the caption, ...) gives
 that image's :class:`ImageResult` an ``error`` naming it; the other images still complete.
@@ -34,7 +36,6 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torchvision.ops import batched_nms
 
 from detectron2.config import get_cfg
 from detectron2.data import detection_utils
@@ -45,9 +46,8 @@ from detectron2.structures import Instances
 from .checkpoint.checkpointer import FiberCheckpointer
 from .config import add_fiber_config
 from .data.phrases import caption_phrases, phrase_spans
-from .data.prompts import build_label_to_tokens, chunk_category_prompts
+from .data.prompt import Prompt, PromptBuilder
 from .data.transforms import build_transforms
-from .modeling.meta_arch import reorder_instances
 
 __all__ = ["Detection", "ImageResult", "FIBERPredictor"]
 
@@ -132,13 +132,9 @@ class FIBERPredictor:
             FiberCheckpointer(self.model).load(self.cfg.MODEL.WEIGHTS)
         else:
             logger.warning("MODEL.WEIGHTS is empty: the predictor runs a randomly initialised model")
-        if self.model.tokenizer is None:
-            raise ValueError("MODEL.FIBER.TEXT.TOKENIZER is empty: the predictor needs a tokenizer")
+        self.prompt_builder = PromptBuilder(self.cfg)
         self.augmentations = T.AugmentationList(build_transforms(self.cfg, is_train=False))
-        self.max_query_len = self.cfg.MODEL.FIBER.TEXT.MAX_QUERY_LEN
         self.chunk_size = self.cfg.TEST.CHUNK_SIZE
-        self.separator = self.cfg.DATASETS.PROMPT.SEPARATOR
-        self.nms_threshold = self.cfg.MODEL.FIBER.ATSS.NMS_TH
         self.detections_per_image = self.cfg.TEST.DETECTIONS_PER_IMAGE
 
     @classmethod
@@ -159,7 +155,8 @@ class FIBERPredictor:
 
     @property
     def tokenizer(self):
-        return self.model.tokenizer
+        """The model's tokenizer (``prompt_builder.tokenizer``)."""
+        return self.prompt_builder.tokenizer
 
     def __call__(self, images, prompts, *, input_format: str = "BGR", batch_size: Optional[int] = None):
         """Detects the prompts' phrases in the images.
@@ -211,16 +208,20 @@ class FIBERPredictor:
         return {"image": tensor, "height": result.height, "width": result.width, **fields}
 
     def _prompt_fields(self, prompt) -> dict:
-        """Model prompt fields of one prompt plus "_caption", "_spans" ({label: span}) and
-        "_chunked" (bookkeeping the predictor removes before the forward)."""
+        """The model's ``prompts`` of one user prompt plus "_caption" (None for category names),
+        "_spans" ({label: [start, end)}) and "_names" ({label: phrase}), bookkeeping the
+        predictor removes before the forward."""
+        if isinstance(prompt, Prompt):
+            spans = {label: list(spans[0]) for label, spans in prompt.spans.items() if spans}
+            return {"prompts": (prompt,), "_caption": prompt.caption, "_spans": spans, "_names": dict(prompt.names)}
         if isinstance(prompt, str):
             prompt = {"caption": prompt}
         if isinstance(prompt, dict):
             return self._caption_fields(prompt)
         if isinstance(prompt, (list, tuple)):
             return self._category_fields(prompt)
-        raise TypeError(f"a prompt must be a caption str, a {{'caption', 'phrases'}} dict or a list of "
-                        f"category names, got {type(prompt).__name__}")
+        raise TypeError(f"a prompt must be a caption str, a {{'caption', 'phrases'}} dict, a list of category "
+                        f"names or a Prompt, got {type(prompt).__name__}")
 
     def _caption_fields(self, prompt: dict) -> dict:
         unknown = set(prompt) - {"caption", "phrases"}
@@ -231,20 +232,9 @@ class FIBERPredictor:
             raise ValueError(f"caption {caption!r} is empty: nothing to ground")
         phrases = prompt.get("phrases")
         spans = caption_phrases(caption) if phrases is None else phrase_spans(caption, phrases)
-        label_spans = {k + 1: [list(s)] for k, s in enumerate(spans)}
-        label_to_tokens = build_label_to_tokens(self.tokenizer, caption, label_spans)
-        for label, tokens in label_to_tokens.items():
-            if max(tokens) >= self.max_query_len:
-                s, e = spans[label - 1]
-                raise ValueError(
-                    f"phrase {caption[s:e]!r} [{s}, {e}) lies past the first {self.max_query_len} tokens, where "
-                    "the caption is cut (MODEL.FIBER.TEXT.MAX_QUERY_LEN); shorten the caption"
-                )
-        return {
-            "caption": caption, "label_to_tokens": label_to_tokens,
-            "label_names": {k + 1: caption[s:e] for k, (s, e) in enumerate(spans)},
-            "_caption": caption, "_spans": {k + 1: [s, e] for k, (s, e) in enumerate(spans)}, "_chunked": False,
-        }
+        built = self.prompt_builder.build(caption, {k + 1: [s] for k, s in enumerate(spans)})
+        return {"prompts": (built,), "_caption": caption, "_names": dict(built.names),
+                "_spans": {k + 1: [s, e] for k, (s, e) in enumerate(spans)}}
 
     def _category_fields(self, names: Sequence[str]) -> dict:
         if len(names) == 0:
@@ -252,14 +242,9 @@ class FIBERPredictor:
         for k, name in enumerate(names):
             if not isinstance(name, str) or not name.strip():
                 raise ValueError(f"category {k} ({name!r}) must be a non-empty string")
-        chunks = chunk_category_prompts(
-            list(names), self.tokenizer, self.chunk_size, self.max_query_len, self.separator
-        )
-        prompts = [{"caption": c["caption"], "label_names": c["label_names"],
-                    "label_to_tokens": build_label_to_tokens(self.tokenizer, c["caption"], c["label_spans"])}
-                   for c in chunks]
-        fields = {"prompts": prompts} if len(prompts) > 1 else dict(prompts[0])
-        return {**fields, "_caption": None, "_spans": {}, "_chunked": len(prompts) > 1}
+        prompts = self.prompt_builder.chunks(list(names), self.chunk_size)
+        return {"prompts": prompts, "_caption": None, "_spans": {},
+                "_names": {label: name for p in prompts for label, name in p.names.items()}}
 
     # ---- forward ----
     def _run_batch(self, batch) -> None:
@@ -279,29 +264,19 @@ class FIBERPredictor:
             inst = out["instances"].to("cpu")
             inst.pred_boxes.tensor = inst.pred_boxes.tensor.float()
             inst.scores = inst.scores.float()
-            if x["_chunked"]:
-                inst = self._merge_chunks(inst)
             result.instances = inst
-            result.detections = _detections(inst, x["_spans"])
+            result.detections = _detections(inst, x["_spans"], x["_names"])
 
     def _forward(self, inputs: List[dict]) -> List[dict]:
         amp = nullcontext() if self.amp_dtype is None else torch.autocast(self.model.device.type, self.amp_dtype)
         with torch.no_grad(), amp:
-            return self.model(inputs)
-
-    def _merge_chunks(self, inst: Instances) -> Instances:
-        """Class-aware NMS across chunk detections, then the per-image cap."""
-        keep = batched_nms(inst.pred_boxes.tensor, inst.scores, inst.pred_labels, self.nms_threshold)
-        if self.detections_per_image > 0:
-            keep = keep[: self.detections_per_image]
-        return reorder_instances(inst, keep)
+            return self.model.inference(inputs, max_merged_detections=self.detections_per_image)
 
 
-def _detections(inst: Instances, spans: Dict[int, List[int]]) -> List[Detection]:
+def _detections(inst: Instances, spans: Dict[int, List[int]], names: Dict[int, str]) -> List[Detection]:
     boxes, scores, labels = inst.pred_boxes.tensor.tolist(), inst.scores.tolist(), inst.pred_labels.tolist()
-    phrases = inst.pred_phrases if inst.has("pred_phrases") else [""] * len(inst)
-    return [Detection(box=b, score=s, label=int(lab), phrase=p, span=spans.get(int(lab)))
-            for b, s, lab, p in zip(boxes, scores, labels, phrases)]
+    return [Detection(box=b, score=s, label=int(lab), phrase=names.get(int(lab), ""), span=spans.get(int(lab)))
+            for b, s, lab in zip(boxes, scores, labels)]
 
 
 def _try(fn, *args):
@@ -341,8 +316,9 @@ def _image_name(image, index: int) -> str:
 
 
 def _prompts_per_image(prompts, num_images: int) -> list:
-    """One prompt per image: a str, a dict or a list of str is shared; another list is per image."""
-    shared = isinstance(prompts, (str, dict)) or (
+    """One prompt per image: a str, a dict, a Prompt or a list of str is shared; another list is
+    per image."""
+    shared = isinstance(prompts, (str, dict, Prompt)) or (
         isinstance(prompts, (list, tuple)) and len(prompts) > 0 and all(isinstance(p, str) for p in prompts)
     )
     if shared:

@@ -23,7 +23,10 @@ from .coarse import convert_official_coarse_state_dict
 from .official_coarse_config import translate_official_coarse_config
 from .parity import Comparison, compare_tensors, write_fixture_tokenizer
 
-__all__ = ["is_coarse_fixture", "build_coarse_fixture_model", "check_coarse_fixture"]
+__all__ = [
+    "is_coarse_fixture", "build_coarse_fixture_model", "check_coarse_fixture", "eval_coarse_comparisons",
+    "train_coarse_comparisons", "load_queue",
+]
 
 # prefixes of the fixture's ``recommended_tolerances`` group names
 TEXT, IMAGE, POOLED, SIM = "text hidden states", "image tokens", "pooled / normalised", "ITC similarities"

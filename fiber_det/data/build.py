@@ -1,7 +1,7 @@
 """Training and test data loaders: dataset mixing with copy factors on top of detectron2's loaders.
 
 Sampling, aspect-ratio grouping (h/w < 1 vs >= 1, as the official two groups), distributed
-sharding and list batching are detectron2's (spec §7.1, §7.5); images are zero-padded to a
+sharding and list batching are detectron2's; images are zero-padded to a
 multiple of 32 by the model, not here.
 """
 import logging
@@ -43,12 +43,11 @@ def _copy_factors(cfg) -> List[int]:
 def get_train_dataset_dicts(cfg) -> List[dict]:
     """Concatenates the DATASETS.TRAIN datasets, dataset k repeated COPY_FACTORS[k] times.
 
-    Sampling is then uniform over the concatenation (spec §7.5: ``ConcatDataset`` with copy
-    factors). With DATALOADER.FILTER_EMPTY_ANNOTATIONS (detectron2's key, default True), images of
+    Sampling is then uniform over the concatenation (the official pre-training mixture is a
+    ``ConcatDataset`` with copy factors, so datasets are drawn in proportion to their sizes). With DATALOADER.FILTER_EMPTY_ANNOTATIONS (detectron2's key, default True), images of
     *detection* datasets without any non-crowd box are removed, as maskrcnn_benchmark's COCO-style
-    training loader does (``remove_images_without_annotations=is_train``; the spec does not cover
-    this filter). Grounding images are kept whatever they hold; empty ones are left to the
-    trainer's batch skipping (spec §5.5).
+    training loader does (``remove_images_without_annotations=is_train``). Grounding images are kept whatever they hold; empty ones are left to the
+    trainer's batch skipping (SOLVER.MAX_NEG_PER_BATCH).
 
     Returns:
         The list of dataset dicts (repeats are the same dict objects; the mapper copies).

@@ -33,7 +33,8 @@ from detectron2.config import configurable
 
 from .caption_transforms import CAPTION_TRANSFORMS, build_caption_transform
 from .datasets.caption_pairs import read_arrow_image
-from .mapper import _tokenizer_at, read_image_bgr
+from .mapper import read_image_bgr
+from .prompt import _tokenizer_at
 
 __all__ = ["ImageCaptionMapper", "read_caption_image"]
 

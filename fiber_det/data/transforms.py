@@ -1,4 +1,4 @@
-"""The official image transforms (spec §7.1) as Detectron2 augmentations.
+"""The official image transforms (resize rule, legacy flip) as Detectron2 augmentations.
 
 Detectron2's ``ResizeShortestEdge`` rounds the long side and ``HFlipTransform`` maps x -> W - x;
 maskrcnn_benchmark truncates the long side and flips boxes with the legacy "+1" (x -> W - x - 1),

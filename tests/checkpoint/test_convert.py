@@ -1,4 +1,4 @@
-"""Official FIBER checkpoints and configs -> fiber-det (spec §10.1-10.3).
+"""Official FIBER checkpoints and configs -> fiber-det.
 
 - the rename table against the measured official key lists (v2 COCO / v3 RefCOCO models);
 - ``convert_official_state_dict`` on the golden fixture's official-style state dict;
@@ -30,7 +30,7 @@ DOCS = REPO.parent / "shared" / "docs"
 BODY = "module.fusion_backbone.backbone.body."
 TEXT = "module.fusion_backbone.language_backbone.body.model."
 
-# spec §0 / Base-FIBER-SwinB.yaml: official parameter counts and the dropped cls_logits conv
+# Base-FIBER-SwinB.yaml: official parameter counts and the dropped cls_logits conv
 OFFICIAL_PARAMS = {"v2": 252_055_304, "v3": 252_063_496}
 CLS_LOGITS_PARAMS = 80 * 256 + 80
 FIBER_DET_PARAMS = {"v2": 252_034_744, "v3": 252_042_936}

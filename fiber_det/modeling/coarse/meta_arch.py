@@ -42,8 +42,9 @@ from torch import nn
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 
+from ...data.tokenization import build_tokenizer
+from ...utils.paths import resolve_path
 from ..backbone.fusion import FusionBottomUp
-from ..meta_arch import _tokenizer_from_cfg
 from .heads import ITMHead, MLMHead, Pooler, init_head_weights
 from .objectives import MLMMasker, hard_negative_weights, itc_logits, itc_loss, itm_pairs, sample_hard_negatives
 from .queue import ContrastiveQueue
@@ -129,7 +130,7 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
             "text_length": f.TEXT.MAX_QUERY_LEN,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
-            "tokenizer": _tokenizer_from_cfg(cfg),
+            "tokenizer": _tokenizer_from_cfg(cfg),  # MLM masking: <mask> id, vocabulary size
             "vocab_size": f.TEXT.VOCAB_SIZE,
             "itc": c.ITC_ON,
             "itm": c.ITM_ON,
@@ -300,6 +301,19 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
                                  f"MODEL.FIBER.TEXT.MAX_QUERY_LEN = {self.text_length}")
             self.queue.push(v, t, images, input_ids, attention_mask)
         return loss, negatives
+
+
+def _tokenizer_from_cfg(cfg):
+    """The tokenizer of MODEL.FIBER.TEXT.TOKENIZER (None when unset), checked against the text
+    tower: MLM draws random ids in [0, len(tokenizer)), which the embeddings must hold."""
+    t = cfg.MODEL.FIBER.TEXT
+    if not t.TOKENIZER:
+        return None
+    tokenizer = build_tokenizer(resolve_path(t.TOKENIZER))
+    if tokenizer.pad_token_id != t.PAD_TOKEN_ID or len(tokenizer) > t.VOCAB_SIZE:
+        raise ValueError(f"tokenizer {t.TOKENIZER} (pad id {tokenizer.pad_token_id}, {len(tokenizer)} tokens) does not "
+                         f"fit MODEL.FIBER.TEXT.PAD_TOKEN_ID {t.PAD_TOKEN_ID} / VOCAB_SIZE {t.VOCAB_SIZE}")
+    return tokenizer
 
 
 def _build_heads(backbone: FusionBottomUp, embed_dim: int, vocab_size: int, mlm: bool, itm: bool) -> nn.ModuleDict:

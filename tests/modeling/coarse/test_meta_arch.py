@@ -170,3 +170,23 @@ def test_negative_from_a_queue_entry_the_same_step_overwrites():
     with torch.no_grad():
         expected = model.itm_score(model.fused_features(old_entry[None], ids[:1], mask[:1])["cls_feats"])
     torch.testing.assert_close(record["itm_logits"][4], expected[0], atol=1e-5, rtol=1e-5)  # row 2B + 0
+
+
+def test_the_image_caption_mapper_feeds_the_model(tmp_path):
+    """Real photo files -> ImageCaptionMapper (train and test) -> the model: losses, embeddings."""
+    from fiber_det.data.caption_mapper import ImageCaptionMapper
+
+    cfg = coarse_cfg()
+    records = []
+    for i, (name, caption) in enumerate((("chelsea", "a tabby cat"), ("coffee", "a cup of coffee"))):
+        path = tmp_path / f"{name}.jpg"
+        Image.fromarray(square_photo(name, 200).permute(1, 2, 0).numpy()).save(path)
+        records.append({"file_name": str(path), "caption": caption, "image_index": i, "caption_index": i,
+                        "image_id": name, "source": f"test line {i}"})
+    model = build_model(cfg).train()
+    losses = model([ImageCaptionMapper(cfg, True)(r) for r in records])
+    assert list(losses) == ["loss_mlm", "loss_itc", "loss_itm"] and all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    items = [{**records[0], "modality": "image"}, {**records[1], "modality": "text"}]
+    out = model([ImageCaptionMapper(cfg, False)(r) for r in items])
+    assert set(out[0]) == {"image_embedding"} and set(out[1]) == {"text_embedding"}
