@@ -46,6 +46,10 @@ def add_fiber_config(cfg: CN) -> CN:
     f.TEXT.USE_CHECKPOINT = False  # activation checkpointing of every text layer in training
     f.TEXT.FREEZE_WORD_EMBEDDINGS = False  # keep the word-embedding table fixed (official: trained;
     # freezing a pretrained table saves most of the optimizer's time on small CPU runs)
+    f.TEXT.FREEZE_AT = 0  # 0: every text parameter trains (official); k >= 1 freezes the embeddings,
+    # k >= 2 also text layers 0..k-2 (Detectron2's FREEZE_AT convention; frozen parts run in eval
+    # mode, without dropout). NUM_LAYERS - FUSION.NUM_LAYERS + 1 freezes exactly the text prefix
+    # (the layers before the first fused one): no backward and no optimizer work there
     f.TEXT.WEIGHTS = ""  # local HF BERT/RoBERTa folder to initialise the text tower ("" = none)
     f.TEXT.TOKENIZER = ""  # local folder of the (fast) tokenizer; required to run the model
     f.TEXT.MAX_QUERY_LEN = 256  # captions are truncated to this many tokens (incl. specials)
@@ -137,6 +141,9 @@ def _add_solver_config(cfg: CN) -> None:
     s.MAX_EPOCH = 0  # > 0: MAX_ITER = MAX_EPOCH * len(train set) // IMS_PER_BATCH
     s.WEIGHT_DECAY_SCHEDULE = False  # multiply weight decay by GAMMA at milestone * RATIO
     s.WEIGHT_DECAY_SCHEDULE_RATIO = 0.667
+    s.FUSED_OPTIMIZER = False  # AdamW's fused kernel (torch ``fused=True``): one pass per tensor instead
+    # of one per arithmetic op (~3x faster steps on CPU), the same update up to float rounding;
+    # False: the multi-tensor ("foreach") AdamW
     s.AMP.DTYPE = "float16"  # autocast dtype when AMP.ENABLED: "float16" (GradScaler) or "bfloat16"
     s.MAX_NEG_PER_BATCH = 0.1  # skip a batch if more than this fraction of its images has no box
     s.NONFINITE_PATIENCE = 5  # consecutive non-finite losses (steps skipped) before training stops

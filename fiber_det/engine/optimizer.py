@@ -7,8 +7,9 @@ SOLVER.CLIP_GRADIENTS.CLIP_TYPE selects the clipping:
 
 Clipping lives inside ``step()`` as in the official code, so with AMP ``GradScaler.step`` has
 already unscaled the gradients (and skipped the step on inf/NaN) when the clip runs: the clip
-acts on true gradients. That ordering only holds for optimizers that let the scaler unscale,
-i.e. not ``fused=True`` (those take the scale into ``step()``), which is therefore refused.
+acts on true gradients. A fused AdamW (SOLVER.FUSED_OPTIMIZER) would instead take the scale into
+``step()`` and be clipped on scaled gradients; with clipping on, it is therefore marked as an
+optimizer that the scaler unscales first (:func:`_unscaled_by_grad_scaler`), like the others.
 """
 import logging
 from typing import Callable, Iterable, Optional
@@ -31,7 +32,7 @@ class AdamWFullModelClip(torch.optim.AdamW):
         params: parameters or parameter groups (as for AdamW).
         max_norm: the global norm bound (SOLVER.CLIP_GRADIENTS.CLIP_VALUE; official 1.0).
         norm_type: the norm (SOLVER.CLIP_GRADIENTS.NORM_TYPE; official 2.0).
-        **kwargs: AdamW's arguments (lr, betas, eps, weight_decay, foreach, ...).
+        **kwargs: AdamW's arguments (lr, betas, eps, weight_decay, foreach, fused, ...).
 
     ``state_dict()`` / ``load_state_dict()`` are AdamW's (the bound is not state).
     """
@@ -42,12 +43,8 @@ class AdamWFullModelClip(torch.optim.AdamW):
                 f"SOLVER.CLIP_GRADIENTS.CLIP_VALUE = {max_norm}: full-model clipping needs a positive "
                 "norm bound (set SOLVER.CLIP_GRADIENTS.ENABLED False to disable clipping)"
             )
-        if kwargs.get("fused"):
-            raise ValueError(
-                "fused AdamW receives still-scaled gradients from GradScaler; clipping inside step() "
-                "needs unscaled ones: use foreach instead"
-            )
         super().__init__(params, **kwargs)
+        _unscaled_by_grad_scaler(self)
         self.max_norm = float(max_norm)
         self.norm_type = float(norm_type)
 
@@ -65,6 +62,13 @@ class AdamWFullModelClip(torch.optim.AdamW):
         return loss
 
 
+def _unscaled_by_grad_scaler(optimizer: torch.optim.Optimizer) -> None:
+    """Makes ``GradScaler.step`` unscale the gradients (and skip inf/NaN steps) before calling
+    ``optimizer.step()``, also for a fused AdamW, which otherwise takes the scale into its kernel:
+    a clip inside ``step()`` must see true gradients."""
+    optimizer._step_supports_amp_scaling = False
+
+
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW (betas 0.9/0.999, eps 1e-8, decoupled decay: the official defaults) over
     :func:`~fiber_det.engine.param_groups.build_param_groups_from_cfg` groups, with the
@@ -74,8 +78,9 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         A ``torch.optim.AdamW`` instance (a subclass when clipping is on).
     """
     groups = build_param_groups_from_cfg(cfg, model)
-    # foreach: one multi-tensor kernel per op instead of one per parameter; same arithmetic
-    kwargs = {"lr": cfg.SOLVER.BASE_LR, "foreach": True}
+    # foreach: one multi-tensor kernel per op instead of one per parameter; same arithmetic.
+    # fused: one kernel per tensor for the whole update; the same update up to float rounding
+    kwargs = {"lr": cfg.SOLVER.BASE_LR, **({"fused": True} if cfg.SOLVER.FUSED_OPTIMIZER else {"foreach": True})}
     clip = cfg.SOLVER.CLIP_GRADIENTS
     if clip.ENABLED and clip.CLIP_TYPE == "full_model":
         optimizer = AdamWFullModelClip(groups, max_norm=clip.CLIP_VALUE, norm_type=clip.NORM_TYPE, **kwargs)
@@ -83,6 +88,8 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         # disabled -> AdamW itself; "value" / "norm" -> Detectron2's per-parameter clipping
         # (which raises on an unknown CLIP_TYPE, naming it)
         optimizer = maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(groups, **kwargs)
+        if clip.ENABLED:
+            _unscaled_by_grad_scaler(optimizer)
     logger.info(
         "optimizer %s: %d parameter groups, %d tensors", type(optimizer).__name__, len(optimizer.param_groups),
         sum(len(g["params"]) for g in optimizer.param_groups),

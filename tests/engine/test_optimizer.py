@@ -116,10 +116,13 @@ def test_per_parameter_clipping_is_detectron2s():
         build_optimizer(_clip_cfg("per_layer", 1.0), model)
 
 
-def test_clipping_under_grad_scaler_acts_on_unscaled_gradients():
-    """GradScaler.step unscales before calling step(), so the clip sees the true gradients."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_clipping_under_grad_scaler_acts_on_unscaled_gradients(fused):
+    """GradScaler.step unscales before calling step(), so the clip sees the true gradients (also
+    with the fused AdamW, which would otherwise take the scale into its kernel)."""
     model = TwoTensors()
-    opt = build_optimizer(_clip_cfg(value=1.0), model)
+    opt = build_optimizer(_clip_cfg(value=1.0, SOLVER__FUSED_OPTIMIZER=fused), model)
+    assert bool(opt.defaults["fused"]) == fused
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     loss = (model.head.w * torch.tensor([3.0, 4.0])).sum() + 12.0 * model.head.s.sum()  # grads (3, 4), (12)
     scaler.scale(loss).backward()
@@ -163,5 +166,29 @@ def test_state_dict_round_trip():
 def test_refused_settings():
     with pytest.raises(ValueError, match="CLIP_VALUE"):
         build_optimizer(_clip_cfg(value=0.0), TwoTensors())
-    with pytest.raises(ValueError, match="fused"):
-        AdamWFullModelClip(TwoTensors().parameters(), max_norm=1.0, fused=True)
+
+
+@pytest.mark.parametrize("clip", [None, "full_model", "norm"])
+def test_fused_optimizer_updates_like_foreach(clip):
+    """SOLVER.FUSED_OPTIMIZER: the same AdamW updates (lr, decay, bias-correction, clipping) up to
+    float rounding, and an interchangeable state."""
+    overrides = dict(SOLVER__BASE_LR=1e-3, SOLVER__LANG_LR=3e-4, SOLVER__WEIGHT_DECAY=0.05)
+    cfgs = [(_clip_cfg(clip, 0.5, SOLVER__FUSED_OPTIMIZER=f, **overrides) if clip
+             else tiny_cfg(SOLVER__FUSED_OPTIMIZER=f, **overrides)) for f in (False, True)]
+    models = [small_tiny_model(), small_tiny_model()]
+    opts = [build_optimizer(c, m) for c, m in zip(cfgs, models)]
+    assert not opts[0].defaults["fused"] and opts[1].defaults["fused"]
+    trainable = [[p for p in m.parameters() if p.requires_grad] for m in models]
+    for step in range(3):
+        for params, opt in zip(trainable, opts):
+            _random_grads(params, seed=step)
+            opt.step()
+    moved = 0
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        diff = (a - b).abs().max().item()
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), f"{name}: max |foreach - fused| = {diff:.3g}"
+        moved += a.requires_grad
+    assert moved > 10
+    other = build_optimizer(cfgs[0], small_tiny_model())
+    other.load_state_dict(opts[1].state_dict())  # a fused run's state resumes without it
+    assert other.state_dict()["state"].keys() == opts[1].state_dict()["state"].keys()

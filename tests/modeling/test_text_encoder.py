@@ -83,3 +83,30 @@ def test_freeze_word_embeddings_flag_freezes_only_the_table():
               if not p.requires_grad]
     assert frozen == ["backbone.bottom_up.text.embeddings.word_embeddings.weight"]
     assert all(p.requires_grad for p in tiny_model().parameters())
+
+
+def test_freeze_at_freezes_the_text_prefix_in_eval_mode():
+    """TEXT.FREEZE_AT 3 on the 4-layer tiny tower (2 fused): embeddings + layers 0-1 (the text
+    prefix) frozen and without dropout in training; the fused layers still get gradients."""
+    from conftest import tiny_model
+
+    model = tiny_model(MODEL__FIBER__TEXT__FREEZE_AT=3).train()
+    text = model.backbone.bottom_up.text
+    frozen = sorted({n.split(".")[0] if n.startswith("embeddings") else ".".join(n.split(".")[:3])
+                     for n, p in text.named_parameters() if not p.requires_grad})
+    assert frozen == ["embeddings", "encoder.layer.0", "encoder.layer.1"]
+    assert all(p.requires_grad for k in (2, 3) for p in text.encoder.layer[k].parameters())
+    assert not text.embeddings.training and not text.encoder.layer[1].training and text.encoder.layer[2].training
+    ids = torch.randint(0, 1000, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.int64)
+    state = model.backbone.bottom_up.text_prefix(ids, mask)
+    assert not state.hidden.requires_grad  # no autograd graph through the frozen prefix
+    assert torch.equal(state.hidden, model.backbone.bottom_up.text_prefix(ids, mask).hidden)  # no dropout
+    images = torch.randn(2, 3, 64, 64)
+    _, language = model.backbone(images, ids, mask)
+    language["hidden"].sum().backward()
+    assert text.encoder.layer[2].output.dense.weight.grad is not None
+    assert all(p.grad is None for p in text.encoder.layer[1].parameters())
+    assert all(p.requires_grad for p in tiny_model(MODEL__FIBER__TEXT__FREEZE_AT=0).parameters())
+    with pytest.raises(ValueError, match="FREEZE_AT"):
+        tiny_model(MODEL__FIBER__TEXT__FREEZE_AT=6)

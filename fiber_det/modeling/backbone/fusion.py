@@ -134,7 +134,8 @@ class FusionBottomUp(Backbone):
 
     @classmethod
     def from_config(cls, cfg, out_indices: Sequence[int] = (1, 2, 3), final_norm: bool = False):
-        """From ``MODEL.FIBER.{SWIN,TEXT,FUSION}`` and ``MODEL.BACKBONE.FREEZE_AT``.
+        """From ``MODEL.FIBER.{SWIN,TEXT,FUSION}`` and ``MODEL.BACKBONE.FREEZE_AT`` (Swin; the text
+        tower's is ``MODEL.FIBER.TEXT.FREEZE_AT``).
 
         Args:
             out_indices: Swin stages returned by :meth:`forward` (each with its ``norm{i}``).
@@ -158,6 +159,7 @@ class FusionBottomUp(Backbone):
         for p in schedule:
             image_dims[p.text_layer] = p.image_dim
         text = TextEncoder(text_cfg, image_dims, use_checkpoint=f.TEXT.USE_CHECKPOINT)
+        text.freeze(f.TEXT.FREEZE_AT)
         if f.TEXT.FREEZE_WORD_EMBEDDINGS:
             text.embeddings.word_embeddings.weight.requires_grad_(False)
         return {"vision": vision, "text": text, "schedule": schedule}

@@ -224,6 +224,26 @@ class TextEncoder(nn.Module):
     def num_layers(self) -> int:
         return len(self.encoder.layer)
 
+    def freeze(self, freeze_at: int) -> None:
+        """Detectron2's FREEZE_AT convention on the text tower: ``freeze_at >= 1`` freezes the
+        embeddings, ``freeze_at = k >= 2`` also layers 0..k-2. Frozen modules stay in eval mode
+        (no dropout), as frozen Swin stages do, so a frozen prefix is a fixed function of the ids."""
+        if freeze_at < 0 or freeze_at > self.num_layers + 1:
+            raise ValueError(f"MODEL.FIBER.TEXT.FREEZE_AT = {freeze_at}: expected 0..{self.num_layers + 1} "
+                             f"(embeddings + {self.num_layers} layers)")
+        modules = [self.embeddings] if freeze_at >= 1 else []
+        modules += [self.encoder.layer[k] for k in range(max(0, freeze_at - 1))]
+        self._frozen = modules
+        for m in modules:
+            m.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in getattr(self, "_frozen", []):
+            m.eval()
+        return self
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embeddings(input_ids)
 
