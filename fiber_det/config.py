@@ -131,12 +131,28 @@ def _add_solver_config(cfg: CN) -> None:
     CLIP_GRADIENTS.* are Detectron2's own."""
     s = cfg.SOLVER
     s.LANG_LR = 1e-5  # learning rate of every parameter named "language_backbone" / text tower
-    s.BACKBONE_BODY_LR_FACTOR = 1.0  # LR factor of the Swin body (not the text tower)
+    s.BACKBONE_BODY_LR_FACTOR = 1.0  # LR factor of the Swin body (not the text tower); also of
+    # the coarse model's Swin (with its i2t modules), on top of SOLVER.COARSE's multipliers
     s.WEIGHT_DECAY_NORM_FACTOR = 1.0  # weight decay factor of parameters named "norm"/"Norm"
     s.STEP_FRACTIONS = []  # LR milestones as fractions of MAX_ITER (used when non-empty; else STEPS)
     s.MAX_EPOCH = 0  # > 0: MAX_ITER = MAX_EPOCH * len(train set) // IMS_PER_BATCH
     s.WEIGHT_DECAY_SCHEDULE = False  # multiply weight decay by GAMMA at milestone * RATIO
     s.WEIGHT_DECAY_SCHEDULE_RATIO = 0.667
+    s.WARMUP_FRACTION = 0.0  # > 0: WARMUP_ITERS = int(MAX_ITER * WARMUP_FRACTION) (official coarse: 0.1)
+    # SOLVER.LR_SCHEDULER_NAME (Detectron2's key): "WarmupMultiStepLR" (fine-grained: linear warmup
+    # from WARMUP_FACTOR, x GAMMA at the milestones) or "WarmupLinearDecayLR" (coarse: linear warmup
+    # from 0 over WARMUP_ITERS, then linear decay to 0 at MAX_ITER)
+    s.ACCUMULATE_STEPS = 1  # micro-batches per optimizer step: each process runs IMS_PER_BATCH /
+    # (processes * ACCUMULATE_STEPS) samples per forward, losses / ACCUMULATE_STEPS (the ITC queue
+    # is updated after every micro-batch, as the official gradient accumulation does)
+    a = s.ADAMW = CN()
+    a.UPDATE = "torch"  # "torch": torch.optim.AdamW (fine-grained); "transformers": eps before the
+    # bias correction, weight decay after the step (transformers' AdamW, the official coarse optimiser)
+    a.BETAS = (0.9, 0.999)  # (beta1, beta2); official coarse: (0.9, 0.98)
+    a.EPS = 1e-8
+    c = s.COARSE = CN()  # learning-rate multipliers of the coarse model's parameter groups
+    c.LR_MULT_CROSS_MODAL = 5.0  # names with "cross_modal", "i2t" or "t2i"
+    c.LR_MULT_HEAD = 5.0  # the MLM / ITM heads (official pre-training and retrieval: 5)
     s.AMP.DTYPE = "float16"  # autocast dtype when AMP.ENABLED: "float16" (GradScaler) or "bfloat16"
     s.MAX_NEG_PER_BATCH = 0.1  # skip a batch if more than this fraction of its images has no box
     s.NONFINITE_PATIENCE = 5  # consecutive non-finite losses (steps skipped) before training stops

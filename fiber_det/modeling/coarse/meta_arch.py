@@ -58,6 +58,10 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
     """Fusion backbone + contrastive projections/poolers, fused projections/poolers, ITC
     temperature and queue, ITM and MLM heads (official module names)."""
 
+    # with an objective off (or ITC alone) the fused path and some heads get no gradient: DDP must
+    # look for unused parameters, as the official Lightning run does (FiberTrainer reads this)
+    find_unused_parameters = True
+
     @configurable
     def __init__(
         self,
@@ -77,6 +81,7 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
         temperature: float = 0.07,
         mlm_probability: float = 0.15,
         fused_output_norms: bool = False,
+        pad_to_max: bool = True,
     ):
         """
         Args:
@@ -93,6 +98,9 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
             mlm_probability: MLM selection rate.
             fused_output_norms: apply the Swin final norm and the last text layer's output
                 LayerNorm on the fused path too (official: False).
+            pad_to_max: run the text tower on all T positions (official); False: only up to the
+                longest caption of the batch (the trailing pads are masked, so the outputs are equal
+                up to float round-off, and faster). The queue always stores T tokens.
         """
         super().__init__()
         if backbone.vision.norm is None:
@@ -104,6 +112,7 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
         self.image_size, self.text_length = image_size, text_length
         self.use_itc, self.use_itm, self.use_mlm = itc, itm, mlm
         self.fused_output_norms = fused_output_norms
+        self.pad_to_max = pad_to_max
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
         heads = _build_heads(backbone, embed_dim, vocab_size, mlm, itm)
@@ -139,6 +148,7 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
             "temperature": c.TEMPERATURE,
             "mlm_probability": c.MLM_PROBABILITY,
             "fused_output_norms": c.FUSED_OUTPUT_NORMS,
+            "pad_to_max": f.TEXT.PAD_TO_MAX,
         }
 
     @property
@@ -188,6 +198,7 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Contrastive text features: every text layer without fusion (all with their output
         LayerNorm) -> projection -> pooler on ``<s>`` -> L2 normalisation. (B, T) -> (B, H)."""
+        input_ids, attention_mask = self._trim(input_ids, attention_mask)
         x = self.cross_modal_text_transform_itc(self.backbone.encode_text(input_ids, attention_mask))
         t = self.cross_modal_text_pooler_itc(x)
         return t / t.norm(dim=-1, keepdim=True)
@@ -201,6 +212,7 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
             "cls_feats": (B, 2H) [text pooler on <s> ; image pooler on the token mean]}.
         """
         bb = self.backbone
+        input_ids, attention_mask = self._trim(input_ids, attention_mask)
         image, hidden = bb.fuse(bb.image_prefix(images), bb.text_prefix(input_ids, attention_mask),
                                 last_text_norm=self.fused_output_norms)
         tokens = bb.vision.norm(image.tokens) if self.fused_output_norms else image.tokens
@@ -209,6 +221,13 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
         cls_feats = torch.cat([self.cross_modal_text_pooler(text_feats),
                                self.cross_modal_image_pooler(_token_mean(image_feats))], dim=-1)
         return {"text_feats": text_feats, "image_feats": image_feats, "cls_feats": cls_feats}
+
+    def _trim(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Without ``pad_to_max``: the (B, T) captions cut after the batch's last non-pad column."""
+        if self.pad_to_max or input_ids.shape[1] == 0:
+            return input_ids, attention_mask
+        n = max(int(attention_mask.sum(1).max()), 1)
+        return input_ids[:, :n], attention_mask[:, :n]
 
     # ---- forward ----
     def forward(self, batched_inputs: List[dict]):
@@ -265,7 +284,8 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
         if self.use_mlm:
             logits = self.mlm_score(self.fused_features(images, mlm_input_ids, attention_mask)["text_feats"])
             record["mlm_logits"] = logits
-            losses["loss_mlm"] = F.cross_entropy(logits.flatten(0, 1), mlm_labels.flatten(), ignore_index=-100)
+            labels = mlm_labels[:, :logits.shape[1]]  # pads (cut without pad_to_max) are never selected
+            losses["loss_mlm"] = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
         if self.use_itc:
             losses["loss_itc"], negatives = self._itc_step(images, input_ids, attention_mask, record)
         if self.use_itm:
