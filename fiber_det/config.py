@@ -98,7 +98,9 @@ def _add_coarse_config(cfg: CN) -> None:
     c.IMAGE_SIZE = 384  # inputs are IMAGE_SIZE x IMAGE_SIZE; MODEL.FIBER.SWIN.WINDOW_SIZE must be IMAGE_SIZE / 32
     c.EMBED_DIM = 768  # width of the cross-modal projections, poolers and heads (official "hidden_size")
     c.ITC_ON = True  # image-text contrastive loss (queue, temperature)
-    c.ITM_ON = True  # image-text matching; training draws hard negatives from the ITC scores (needs ITC_ON)
+    c.ITM_ON = True  # image-text matching; with ITC_ON training draws hard negatives from the ITC
+    # scores (pre-training), without it random ones: each pair keeps its image or, for half of the
+    # batch, takes a random training image (the official ITM retrieval fine-tuning)
     c.MLM_ON = True  # masked language modelling on the fused text
     c.QUEUE_SIZE = 4096  # ITC queue length (features, and for ITM the raw images, ids and masks)
     c.TEMPERATURE = 0.07  # initial ITC temperature (learned, clamped to [0.001, 1] before each use)

@@ -24,6 +24,8 @@ EXPECTED_PARAMS = {
     # ITC only at 576 px: no MLM head (39,245,913) nor ITM head (3,074); position tables for window
     # 18 instead of 12 (1225 - 529 rows x the heads of the 24 blocks: 2x4 + 2x8 + 18x16 + 2x32 = 376)
     "coarse/FIBER-B-retrieval-coco-itc.yaml": (281_295_840 - 39_245_913 - 3_074 + 696 * 376,) * 2,
+    # ITM only at 384 px: no MLM head, no ITC temperature
+    "coarse/FIBER-B-retrieval-coco-itm.yaml": (281_295_840 - 39_245_913 - 1,) * 2,
 }
 
 

@@ -80,7 +80,11 @@ def _default_train_mapper(cfg, dicts: List[dict]) -> Callable:
         raise ValueError(
             f"DATASETS.TRAIN {list(cfg.DATASETS.TRAIN)} mixes image-caption datasets with detection/grounding "
             "datasets; the two stages train separate models")
-    return ImageCaptionMapper(cfg, True) if captions else GroundingDatasetMapper(cfg, True)
+    if not captions:
+        return GroundingDatasetMapper(cfg, True)
+    coarse = cfg.MODEL.FIBER.COARSE
+    # ITM without ITC trains on random negatives: each pair also gets a random training image
+    return ImageCaptionMapper(cfg, True, false_images=dicts if coarse.ITM_ON and not coarse.ITC_ON else None)
 
 
 def build_train_loader(cfg, mapper: Optional[Callable] = None) -> ResumableTrainLoader:

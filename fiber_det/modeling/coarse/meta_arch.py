@@ -46,7 +46,8 @@ from ...data.tokenization import build_tokenizer
 from ...utils.paths import resolve_path
 from ..backbone.fusion import FusionBottomUp
 from .heads import ITMHead, MLMHead, Pooler, init_head_weights
-from .objectives import MLMMasker, hard_negative_weights, itc_logits, itc_loss, itm_pairs, sample_hard_negatives
+from .objectives import (MLMMasker, hard_negative_weights, itc_logits, itc_loss, itm_pairs, itm_random_pairs,
+                         sample_hard_negatives)
 from .queue import ContrastiveQueue
 from .retrieval import RetrievalMixin
 
@@ -92,8 +93,9 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
             pixel_mean, pixel_std: RGB, 0-1 units (applied after /255).
             tokenizer: a HF tokenizer with a mask token (needed for MLM training only).
             vocab_size: rows of the MLM decoder.
-            itc, itm, mlm: the objectives (heads built); training ITM draws its negatives from the
-                ITC scores, so it needs ITC, while ITM retrieval scoring does not.
+            itc, itm, mlm: the objectives (heads built). Training ITM with ITC draws hard
+                negatives from the ITC scores (pre-training); without ITC it takes random ones:
+                every input then carries a "false_image" (ITM retrieval fine-tuning).
             queue_size, temperature: ITC queue length and initial temperature.
             mlm_probability: MLM selection rate.
             fused_output_norms: apply the Swin final norm and the last text layer's output
@@ -241,7 +243,14 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
                 raise ValueError("MLM training needs a tokenizer: set MODEL.FIBER.TEXT.TOKENIZER")
             (special,) = self.text_inputs(batched_inputs, keys=("special_tokens_mask",))
             mlm_ids, mlm_labels = self.masker(input_ids, special)
-        return self.losses(images, input_ids, attention_mask, mlm_ids, mlm_labels)
+        false_images = None
+        if self.use_itm and not self.use_itc:
+            missing = [i for i, x in enumerate(batched_inputs) if "false_image" not in x]
+            if missing:
+                raise ValueError(f"inputs {missing} lack 'false_image': ITM without ITC trains on random negatives, "
+                                 "which the training mapper draws (ImageCaptionMapper(false_images=...))")
+            false_images = self.preprocess_images([{"image": x["false_image"]} for x in batched_inputs])
+        return self.losses(images, input_ids, attention_mask, mlm_ids, mlm_labels, false_images=false_images)
 
     @torch.no_grad()
     def embeddings(self, batched_inputs: List[dict]) -> List[Dict[str, torch.Tensor]]:
@@ -264,21 +273,20 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
         return out
 
     def losses(self, images, input_ids, attention_mask, mlm_input_ids=None, mlm_labels=None,
-               record: Optional[dict] = None) -> Dict[str, torch.Tensor]:
-        """One pre-training step on prepared tensors, in the official order MLM, ITC, ITM.
+               record: Optional[dict] = None, false_images=None) -> Dict[str, torch.Tensor]:
+        """One training step on prepared tensors, in the official order MLM, ITC, ITM.
 
         Args:
             images: (B, 3, S, S) normalised; input_ids, attention_mask: (B, T).
             mlm_input_ids, mlm_labels: (B, T) masked ids and labels (-100 = not selected).
             record: when a dict, filled with the step's intermediate tensors (for inspection).
+            false_images: (B, 3, S, S) normalised random images, for ITM without ITC.
         Returns:
             {"loss_mlm", "loss_itc", "loss_itm"} of the enabled objectives. In training mode the
             ITC queue receives this batch after the hard negatives were drawn.
         """
-        if self.use_itm and not self.use_itc:
-            raise ValueError("ITM training needs ITC (MODEL.FIBER.COARSE.ITC_ON): its negatives are sampled from "
-                             "the ITC scores; the official ITM-only fine-tuning with random negatives from the "
-                             "data loader is not implemented (ITM scoring for retrieval works without ITC)")
+        if self.use_itm and not self.use_itc and false_images is None:
+            raise ValueError("ITM without ITC trains on random negatives: pass false_images")
         record = {} if record is None else record
         losses = {}
         if self.use_mlm:
@@ -289,7 +297,10 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
         if self.use_itc:
             losses["loss_itc"], negatives = self._itc_step(images, input_ids, attention_mask, record)
         if self.use_itm:
-            imgs, ids, mask, labels = itm_pairs(images, input_ids, attention_mask, *negatives)
+            if self.use_itc:  # hard negatives: 3B pairs
+                imgs, ids, mask, labels = itm_pairs(images, input_ids, attention_mask, *negatives)
+            else:  # random negatives: B pairs, half of them with their false image
+                (imgs, labels), ids, mask = itm_random_pairs(images, false_images), input_ids, attention_mask
             fused = self.fused_features(imgs, ids, mask)
             logits = self.itm_score(fused["cls_feats"])
             record.update(itm_logits=logits, itm_labels=labels, itm_cls_feats=fused["cls_feats"],
