@@ -52,6 +52,10 @@ def add_fiber_config(cfg: CN) -> CN:
     f.TEXT.PAD_TO_MAX = True  # pad every caption to MAX_QUERY_LEN (official); False: to the
     # longest caption of the batch (faster; equal up to float round-off)
 
+    # ---- attention kernels (Swin window attention, text self-attention, both cross-attentions) ----
+    f.SDPA = False  # True: torch.nn.functional.scaled_dot_product_attention (fused kernels; equal up
+    # to float rounding, ~1e-6); False: the upstream matmul / softmax sequence
+
     # ---- fusion ----
     f.FUSION = CN()
     f.FUSION.NUM_LAYERS = 6  # the last N Swin blocks pair with the last N text layers; 0 = no fusion

@@ -151,13 +151,13 @@ class FusionBottomUp(Backbone):
             drop_path_rate=f.SWIN.DROP_PATH_RATE, out_indices=out_indices, text_dim=text_cfg.hidden_size,
             fused_blocks=[(p.stage, p.block) for p in schedule], i2t_query_norm=f.FUSION.I2T_QUERY_NORM,
             shift_single_window=f.SWIN.SHIFT_SINGLE_WINDOW, final_norm=final_norm,
-            use_checkpoint=f.SWIN.USE_CHECKPOINT,
+            use_checkpoint=f.SWIN.USE_CHECKPOINT, sdpa=f.SDPA,
         )
         vision.freeze(cfg.MODEL.BACKBONE.FREEZE_AT)
         image_dims: List[Optional[int]] = [None] * text_cfg.num_hidden_layers
         for p in schedule:
             image_dims[p.text_layer] = p.image_dim
-        text = TextEncoder(text_cfg, image_dims, use_checkpoint=f.TEXT.USE_CHECKPOINT)
+        text = TextEncoder(text_cfg, image_dims, use_checkpoint=f.TEXT.USE_CHECKPOINT, sdpa=f.SDPA)
         if f.TEXT.FREEZE_WORD_EMBEDDINGS:
             text.embeddings.word_embeddings.weight.requires_grad_(False)
         return {"vision": vision, "text": text, "schedule": schedule}
