@@ -156,7 +156,12 @@ def _add_test_config(cfg: CN) -> None:
     t.CHUNK_SIZE = 0  # categories per prompt at test time (LVIS: 40); 0 = one prompt, split
     # automatically only when it would exceed MODEL.FIBER.TEXT.MAX_QUERY_LEN tokens
     t.PROMPTS_PER_BATCH = 8  # (image, prompt) pairs per forward when inputs carry several prompts
-    # (at least the images of the batch)
+    # (sequential path: at least the images of the batch)
+    t.SHARED_PREFIX = True  # inference computes each image's Swin prefix (blocks before the first
+    # fused one) once and each prompt's text prefix once (cached across images), then the fused
+    # part per (image, prompt) pair; every image at its own padded size. False: every pair through
+    # the whole network, a call's images padded to a common size (the parity path). Equal per image
+    # up to float rounding (fiber_det/modeling/shared_prefix.py); faster with several prompts
     t.COCO_BOX_PLUS_ONE = True  # COCO results as xywh with w = x2 - x1 + 1 (official; paper numbers)
     t.LVIS_TOPK_PER_CATEGORY = 10000  # FixedAP: detections kept per category over the dataset
     r = t.RETRIEVAL = CN()  # image-text retrieval evaluation (evaluator_type "retrieval")

@@ -304,6 +304,15 @@ class SwinState:
     next_block: int = 0
     stage_outputs: Dict[str, torch.Tensor] = field(default_factory=dict)
 
+    @staticmethod
+    def cat(states: Sequence["SwinState"]) -> "SwinState":
+        """The batch of the given states, in order (the same token map size and block)."""
+        first = states[0]
+        if any((s.height, s.width, s.next_block) != (first.height, first.width, first.next_block) for s in states):
+            raise ValueError("SwinState.cat: the states differ in token map size or next block")
+        return SwinState(torch.cat([s.tokens for s in states]), first.height, first.width, first.next_block,
+                         {k: torch.cat([s.stage_outputs[k] for s in states]) for k in first.stage_outputs})
+
 
 # called before a fused block with (flat block index, the block's input tokens (B, H*W, C));
 # returns the text state that block attends to
