@@ -53,8 +53,9 @@ def add_fiber_config(cfg: CN) -> CN:
     # longest caption of the batch (faster; equal up to float round-off)
 
     # ---- attention kernels (Swin window attention, text self-attention, both cross-attentions) ----
-    f.SDPA = False  # True: torch.nn.functional.scaled_dot_product_attention (fused kernels; equal up
-    # to float rounding, ~1e-6); False: the upstream matmul / softmax sequence
+    f.SDPA = True  # torch.nn.functional.scaled_dot_product_attention (fused kernels; equal up to
+    # float rounding, ~1e-6; inference 1.1-1.9x faster on CPU, training as fast); False: the
+    # upstream matmul / softmax sequence
 
     # ---- fusion ----
     f.FUSION = CN()
