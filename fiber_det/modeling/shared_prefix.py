@@ -80,10 +80,9 @@ class TextPrefixCache:
                 found[p.input_ids] = self._entries[key]
             else:
                 missing[p.input_ids] = p
-        missing = list(missing.values())
-        step = model.prompts_per_batch
-        for start in range(0, len(missing), step):
-            group = missing[start:start + step]
+        to_compute, step = list(missing.values()), model.prompts_per_batch
+        for start in range(0, len(to_compute), step):
+            group = to_compute[start:start + step]
             input_ids, attention_mask = collate_prompts(group, model.pad_token_id, length, pad_to_max=True)
             state = bottom_up.text_prefix(input_ids.to(model.device), attention_mask.to(model.device))
             for row, p in enumerate(group):
