@@ -265,7 +265,9 @@ class BasicLayer(nn.Module):
         """(nW, N, N) attention mask of the shifted windows for an (H, W) map: 0 within a
         region, -100.0 across regions (upstream value, not -inf)."""
         ws, ss = self.window_size, self.shift_size
-        hp, wp = -(-height // ws) * ws, -(-width // ws) * ws
+        # ceil to window multiples with non-negative operands only: traced for ONNX, a floor
+        # division of a negative size becomes ONNX Div, which truncates (a wrong, smaller mask)
+        hp, wp = (height + ws - 1) // ws * ws, (width + ws - 1) // ws * ws
         img = torch.zeros((1, hp, wp, 1), device=device)
         cnt = 0
         for hs in (slice(0, -ws), slice(-ws, -ss), slice(-ss, None)):
