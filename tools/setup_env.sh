@@ -19,9 +19,10 @@ PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check -q)
 export HF_HUB_OFFLINE=1 PIP_NO_INPUT=1
 
-# Exact versions: constraints.txt (every install below passes it to pip); setup.py has the ranges.
+# Exact versions: constraints.txt, which every pip call below reads (PIP_CONSTRAINT, i.e. -c);
+# setup.py has the ranges.
 CONSTRAINTS="$ROOT/constraints.txt"
-PIP=("${PIP[@]}" -c "$CONSTRAINTS")
+export PIP_CONSTRAINT="$CONSTRAINTS"
 pin() { grep -i -m1 "^$1==" "$CONSTRAINTS" || { echo "[setup_env] $1 not in $CONSTRAINTS" >&2; false; }; }
 TORCH="$(pin torch)"
 TORCHVISION="$(pin torchvision)"
