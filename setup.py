@@ -27,6 +27,7 @@ INSTALL_REQUIRES = [
     "hydra-core>=1.3.2",
     "timm>=1.0.29",
     "transformers>=5.17",
+    "pyarrow>=26.0.1",  # the official image-caption Arrow files of the coarse stage (imported on use)
     "safetensors>=0.8.0",
     "numpy>=2.4.6",
     "Pillow>=12.3.0",

@@ -80,10 +80,17 @@ def add_fiber_config(cfg: CN) -> CN:
     f.ATSS.NMS_TH = 0.6  # class-aware NMS IoU ("+1" widths); detections per image:
     # TEST.DETECTIONS_PER_IMAGE
 
+    _add_coarse_config(cfg)
     _add_data_config(cfg)
     _add_solver_config(cfg)
     _add_test_config(cfg)
     return cfg
+
+
+def _add_coarse_config(cfg: CN) -> None:
+    """The coarse-grained image-text stage."""
+    c = cfg.MODEL.FIBER.COARSE = CN()
+    c.IMAGE_SIZE = 384  # inputs are IMAGE_SIZE x IMAGE_SIZE; MODEL.FIBER.SWIN.WINDOW_SIZE must be IMAGE_SIZE / 32
 
 
 def _add_data_config(cfg: CN) -> None:
@@ -98,6 +105,10 @@ def _add_data_config(cfg: CN) -> None:
     # negative), P(all MAX_NEGATIVES), P(drop positives; must be 0 as upstream asserts); the rest
     # of the mass draws a uniform count in 1..MAX_NEGATIVES (spec §7.2 (b))
     p.USE_CAPTION_PROMPT = False  # wrap names with the dataset's caption_prompt metadata (ODinW)
+    cfg.INPUT.CAPTION_TRANSFORM = "albef"  # image-caption training transform (ImageCaptionMapper):
+    # "albef" (square resize only: the official pre-training) or "albef_randaug" (random resized
+    # crop, flip, RandomAugment: retrieval fine-tuning); at test time always "albef". The square
+    # side is MODEL.FIBER.COARSE.IMAGE_SIZE
 
 
 def _add_solver_config(cfg: CN) -> None:
@@ -129,3 +140,9 @@ def _add_test_config(cfg: CN) -> None:
     t.PROMPTS_PER_BATCH = 8  # (image, prompt) pairs per forward when inputs carry several prompts
     t.COCO_BOX_PLUS_ONE = True  # COCO results as xywh with w = x2 - x1 + 1 (official; paper numbers)
     t.LVIS_TOPK_PER_CATEGORY = 10000  # FixedAP: detections kept per category over the dataset
+    r = t.RETRIEVAL = CN()  # image-text retrieval evaluation (evaluator_type "retrieval")
+    r.ITM = ""  # "": ITC recall only; "exhaustive": also score every (image, caption) pair with the
+    # ITM head (the official protocol); "topk": ITM on the ITC top-ITM_TOPK candidates only (faster,
+    # not the official protocol; reported under "itm_top<k>_" keys)
+    r.ITM_TOPK = 128  # candidates per query in the "topk" mode (>= 10)
+    r.BATCH_SIZE = 64  # items per forward in retrieval evaluation (official: 64 captions)

@@ -8,6 +8,8 @@
         --predictions output/inference/flickr_val/flickr_predictions.json [--annotations-root flickr30k]
     python tools/evaluate_predictions.py --task refexp --gt finetune_refcoco_val.json \\
         --predictions output/inference/refcoco_val/refexp_predictions.json
+    python tools/evaluate_predictions.py --task retrieval \\
+        --predictions output/inference/coco_karpathy_test/retrieval_scores.npz
 
 The scoring is the evaluators' own (fiber_det.evaluation), so the numbers equal those printed at
 the end of the evaluation run. Results are printed as json and as Detectron2 "copypaste:" lines.
@@ -30,6 +32,10 @@ File formats (--predictions), as written to the evaluator's output folder:
   refexp  refexp_predictions.json: {"task": "refexp", "predictions": [{"image_id", "dataset_name",
           "boxes": [[x1, y1, x2, y2]], "scores": [...]}]}. --gt: the MDETR json
           (finetune_refcoco*_{split}.json).
+  retrieval  retrieval_scores.npz (numpy arrays, read without pickle): "itc" (images x captions
+          scores), "image_index", "caption_index", "caption_image_index" (each caption's image),
+          optional "itm" (NaN where unscored) and "itm_topk" (0 = exhaustive ITM). No --gt: the
+          positives are in the file.
 For flickr and refexp the entries of the predictions file are scored (an entry without boxes is a
 miss); json entries absent from the file are reported and left out, ids absent from the json fail.
 """
@@ -51,14 +57,15 @@ from fiber_det.evaluation.coco import PromptedCOCOEvaluator  # noqa: E402
 from fiber_det.evaluation.flickr import GT_TYPES, flickr_gt_entry, score_flickr  # noqa: E402
 from fiber_det.evaluation.lvis import LVISFixedAPEvaluator  # noqa: E402
 from fiber_det.evaluation.refexp import refexp_gt_entry, score_refexp  # noqa: E402
+from fiber_det.evaluation.retrieval import load_retrieval_scores  # noqa: E402
 
 logger = logging.getLogger("fiber_det.evaluate_predictions")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", required=True, choices=("coco", "lvis", "flickr", "refexp"))
-    parser.add_argument("--gt", required=True, help="ground-truth json (see the file formats above)")
+    parser.add_argument("--task", required=True, choices=("coco", "lvis", "flickr", "refexp", "retrieval"))
+    parser.add_argument("--gt", default=None, help="ground-truth json (see the file formats above; not for retrieval)")
     parser.add_argument("--predictions", required=True, help="the file the evaluator dumped")
     parser.add_argument("--annotations-root", default=None,
                         help="flickr: Flickr30k Entities folder with Annotations/ and Sentences/")
@@ -67,7 +74,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--lvis-topk", type=int, default=10000,
                         help="lvis: detections kept per category (TEST.LVIS_TOPK_PER_CATEGORY)")
     parser.add_argument("--output", default=None, help="write the metrics to this json file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.gt is None and args.task != "retrieval":
+        parser.error(f"--gt is required for --task {args.task}")
+    return args
 
 
 def _load_json(path: str, what: str):
@@ -126,6 +136,10 @@ def _mdetr_entries(gt: str, predictions: List[dict]) -> List[dict]:
 
 def rescore(args: argparse.Namespace) -> "OrderedDict[str, Dict[str, float]]":
     """Metrics of ``args.predictions`` for ``args.task`` (see the module docstring)."""
+    if args.task == "retrieval":
+        if not os.path.isfile(args.predictions):
+            raise FileNotFoundError(f"predictions file not found: {args.predictions}")
+        return load_retrieval_scores(args.predictions)
     data = _load_json(args.predictions, "predictions file")
     if args.task == "coco":
         evaluator = PromptedCOCOEvaluator(_json_dataset("coco", args.gt), distributed=False)

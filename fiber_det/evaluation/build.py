@@ -8,6 +8,7 @@ from .coco import PromptedCOCOEvaluator
 from .flickr import FlickrRecallEvaluator
 from .lvis import LVISFixedAPEvaluator
 from .refexp import RefExpEvaluator
+from .retrieval import RetrievalEvaluator
 
 __all__ = ["EVALUATORS", "build_evaluator"]
 
@@ -16,16 +17,19 @@ EVALUATORS = {
     "lvis": LVISFixedAPEvaluator,
     "flickr": FlickrRecallEvaluator,
     "refexp": RefExpEvaluator,
+    "retrieval": RetrievalEvaluator,
 }
 
 
-def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluator:
+def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None, **kwargs) -> DatasetEvaluator:
     """The evaluator of ``dataset_name`` (metadata ``evaluator_type`` in :data:`EVALUATORS`).
 
     Args:
-        cfg: the full config (``TEST.COCO_BOX_PLUS_ONE``, ``TEST.LVIS_TOPK_PER_CATEGORY``).
+        cfg: the full config (``TEST.COCO_BOX_PLUS_ONE``, ``TEST.LVIS_TOPK_PER_CATEGORY``,
+            ``TEST.RETRIEVAL.*``).
         dataset_name: a registered dataset.
         output_folder: where the evaluator dumps its predictions (None: no dump).
+        **kwargs: passed to the evaluator (e.g. ``itm_scorer`` of :class:`RetrievalEvaluator`).
 
     Raises:
         ValueError: the dataset has no evaluator type (training-only set) or an unknown one.
@@ -38,4 +42,4 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
             f"dataset '{dataset_name}' has {what}; evaluable datasets set metadata evaluator_type to "
             f"one of {sorted(EVALUATORS)}"
         )
-    return EVALUATORS[evaluator_type](cfg, dataset_name=dataset_name, output_dir=output_folder)
+    return EVALUATORS[evaluator_type](cfg, dataset_name=dataset_name, output_dir=output_folder, **kwargs)

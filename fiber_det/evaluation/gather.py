@@ -18,7 +18,7 @@ __all__ = ["gather_unique", "dump_json", "PerImageEvaluator"]
 logger = logging.getLogger(__name__)
 
 
-def gather_unique(records: Sequence[dict], key: str, distributed: bool = True) -> List[dict]:
+def gather_unique(records: Sequence[dict], key: str, distributed: bool = True, all_ranks: bool = False) -> List[dict]:
     """Gathers ``records`` onto the main process, keeps one record per ``record[key]``, sorts by key.
 
     A distributed sampler can hand an entry to two processes (padding to equal shards); the copies
@@ -29,12 +29,15 @@ def gather_unique(records: Sequence[dict], key: str, distributed: bool = True) -
         records: this process's records, each a dict holding ``key`` (e.g. ``"image_id"``).
         key: the per-entry id field.
         distributed: gather across processes (False: use this process's records only).
+        all_ranks: gather onto every process (all-gather), not only the main one.
 
     Returns:
-        On the main process (or with ``distributed=False``) the unique records sorted by
-        ``record[key]``; an empty list on the other processes.
+        On the main process (every process with ``all_ranks``, or with ``distributed=False``)
+        the unique records sorted by ``record[key]``; an empty list on the other processes.
     """
-    if distributed:
+    if distributed and all_ranks:
+        per_rank = comm.all_gather(list(records))
+    elif distributed:
         per_rank = comm.gather(list(records), dst=0)
         if not comm.is_main_process():
             return []

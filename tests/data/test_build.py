@@ -93,3 +93,41 @@ def test_loaders_feed_the_tiny_model():
     chunked = tiny_cfg(DATALOADER__NUM_WORKERS=0, TEST__CHUNK_SIZE=8)
     (x,) = next(iter(build_test_loader(chunked, "real_photos_detection")))
     assert [len(p["label_spans"]) for p in x["prompts"]] == [8, 8, 4]  # 20 categories
+
+
+@pytest.fixture
+def caption_set(tmp_path):
+    """A JSON-lines caption dataset of the three vendored photos, registered for retrieval."""
+    from caption_files import write_jsonl
+    from fiber_det.data.datasets.caption_pairs import load_caption_jsonl, register_caption_dataset
+
+    name, path = f"test_build_captions_{uuid.uuid4().hex[:8]}", write_jsonl(tmp_path)
+    register_caption_dataset(name, lambda: load_caption_jsonl(str(path), None, name), evaluator_type="retrieval")
+    yield name
+    DatasetCatalog.remove(name)
+    MetadataCatalog.remove(name)
+
+
+def _caption_cfg(**overrides):
+    return tiny_cfg(INPUT__FORMAT="RGB", MODEL__FIBER__COARSE__IMAGE_SIZE=32, DATALOADER__NUM_WORKERS=0, **overrides)
+
+
+def test_caption_train_loader_picks_the_caption_mapper(caption_set, two_datasets):
+    batch = next(iter(build_train_loader(_caption_cfg(DATASETS__TRAIN=(caption_set,), SOLVER__IMS_PER_BATCH=3))))
+    assert len(batch) == 3
+    for x in batch:
+        assert x["image"].shape == (3, 32, 32) and x["input_ids"].shape == (64,) and isinstance(x["caption"], str)
+    with pytest.raises(ValueError, match="mixes image-caption datasets"):
+        build_train_loader(_caption_cfg(DATASETS__TRAIN=(caption_set, two_datasets[0])))
+
+
+def test_retrieval_test_loader(caption_set):
+    from fiber_det.data.build import build_retrieval_test_loader
+
+    cfg = _caption_cfg(TEST__RETRIEVAL__BATCH_SIZE=2)
+    batches = list(build_test_loader(cfg, caption_set))  # dispatched on evaluator_type "retrieval"
+    items = [x for b in batches for x in b]
+    assert [len(b) for b in batches] == [2, 2, 2, 2]  # 3 images + 5 captions
+    assert [x["modality"] for x in items] == ["image"] * 3 + ["text"] * 5
+    assert items[3]["caption_index"] == 0 and items[0]["image"].shape == (3, 32, 32)
+    assert len(list(build_retrieval_test_loader(cfg, caption_set))) == 4

@@ -117,3 +117,22 @@ def test_only_the_dumped_entries_are_scored(tool, tmp_path):
     results = tool.main(["--task", "refexp", "--gt", str(gt), "--predictions", str(dump)])
     assert set(results["refexp"]) == {f"refcoco+_{c}@{k}" for c in ("P", "IoU_P") for k in (1, 5, 10)}
     assert set(results["refexp"].values()) == {100.0}
+
+
+def test_retrieval(tool, tmp_path):
+    import test_retrieval as retrieval_cases
+    from fiber_det.evaluation.retrieval import RETRIEVAL_SCORES_FILE, RetrievalEvaluator
+
+    inputs, outputs = retrieval_cases._items(n_img=12, n_txt=30)
+    itc, _ = retrieval_cases._expected(inputs, outputs)
+    evaluator = RetrievalEvaluator("test_set", output_dir=str(tmp_path), distributed=False, itm_mode="topk",
+                                   itm_topk=10, itm_scorer=retrieval_cases._scorer(itc, []))
+    expected = retrieval_cases._run(evaluator, inputs, outputs)
+    assert "itm_top10_t2i_R@5" in expected["retrieval"]
+    results = tool.main(["--task", "retrieval", "--predictions", str(tmp_path / RETRIEVAL_SCORES_FILE)])
+    assert_same(results, expected)
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a retrieval dump"):
+        tool.main(["--task", "retrieval", "--predictions", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--task", "coco", "--predictions", "p.json"])  # --gt is required there

@@ -1,5 +1,6 @@
-"""Dataset registration (spec §7.4, §8): COCO / LVIS / Objects365 / ODinW detection jsons and
-MDETR-style grounding jsons (Flickr30k Entities, RefCOCO/+/g, GoldG) as Detectron2 datasets.
+"""Dataset registration (spec §7.4, §8): COCO / LVIS / Objects365 / ODinW detection jsons,
+MDETR-style grounding jsons (Flickr30k Entities, RefCOCO/+/g, GoldG) and image-caption sets
+(Karpathy jsons, the official Arrow files, JSON-lines) as Detectron2 datasets.
 
 Importing this package registers the standard names (see :mod:`.builtin` and datasets/README.md).
 """
@@ -17,3 +18,4 @@ __all__ = [
 # Synthetic dataset registration (owned by synthetic.py) is imported below this line.
 from . import synthetic  # noqa: E402,F401  (registers synthetic_{grounding,detection}_{train,val})
 from . import real_photos  # noqa: E402,F401  (registers real_photos_{grounding,detection})
+from . import synthetic_captions  # noqa: E402,F401  (registers synthetic_captions_{train,val})

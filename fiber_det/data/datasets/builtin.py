@@ -12,6 +12,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
 
+from .caption_pairs import README_SECTION as CAPTIONS_SECTION
+from .caption_pairs import load_caption_arrow, load_karpathy_json, register_caption_dataset
 from .coco_style import register_coco_grounding_dataset
 from .mdetr import register_mdetr_grounding_dataset
 
@@ -22,6 +24,8 @@ __all__ = [
     "FLICKR_SPLITS",
     "REFEXP_SPLITS",
     "GOLDG_SPLITS",
+    "KARPATHY_SPLITS",
+    "ARROW_CAPTION_SETS",
     "README_SECTIONS",
     "default_root",
     "register_all_fiber_datasets",
@@ -34,6 +38,7 @@ README_SECTIONS = {
     "flickr": "Flickr30k Entities",
     "refexp": "RefCOCO, RefCOCO+, RefCOCOg",
     "goldg": "GoldG (MDETR mixed grounding)",
+    "captions": CAPTIONS_SECTION,
 }
 
 # name -> (image_root, json_file)
@@ -82,6 +87,27 @@ REFEXP_SPLITS: Dict[str, str] = {
 # name -> (json_file, image_root of non-COCO entries, image_root of data_source "coco")
 GOLDG_SPLITS: Dict[str, Tuple[str, str, str]] = {
     "goldg_mixed_train_no_coco": (f"{_MDETR}/final_mixed_train_no_coco.json", "gqa/images", "coco/train2014"),
+}
+
+# Image-caption sets of the coarse stage. Official training set = Karpathy train + val (restval
+# excluded); the official evaluation (and validation) set = Karpathy test.
+# name -> (Karpathy json, image folder, Karpathy splits, evaluator_type)
+KARPATHY_SPLITS: Dict[str, Tuple[str, str, Tuple[str, ...], str]] = {
+    "coco_karpathy_train": ("karpathy/dataset_coco.json", "coco", ("train", "val"), ""),
+    "coco_karpathy_test": ("karpathy/dataset_coco.json", "coco", ("test",), "retrieval"),
+    "flickr30k_karpathy_train": ("karpathy/dataset_flickr30k.json", "flickr30k/flickr30k_images", ("train", "val"), ""),
+    "flickr30k_karpathy_test": ("karpathy/dataset_flickr30k.json", "flickr30k/flickr30k_images", ("test",), "retrieval"),
+}
+# name -> (Arrow files under arrow/, missing files allowed (official for GCC/SBU parts), evaluator_type)
+ARROW_CAPTION_SETS: Dict[str, Tuple[Tuple[str, ...], bool, str]] = {
+    "coco_karpathy_train_arrow": (("coco_caption_karpathy_train.arrow", "coco_caption_karpathy_val.arrow"), False, ""),
+    "coco_karpathy_test_arrow": (("coco_caption_karpathy_test.arrow",), False, "retrieval"),
+    "flickr30k_karpathy_train_arrow": (("f30k_caption_karpathy_train.arrow", "f30k_caption_karpathy_val.arrow"),
+                                       False, ""),
+    "flickr30k_karpathy_test_arrow": (("f30k_caption_karpathy_test.arrow",), False, "retrieval"),
+    "gcc_train_arrow": (tuple(f"conceptual_caption_train_{k}.arrow" for k in range(31)), True, ""),
+    "sbu_train_arrow": (tuple(f"sbu_{k}.arrow" for k in range(9)), True, ""),
+    "vg_train_arrow": (("vg.arrow",), False, ""),
 }
 
 
@@ -161,10 +187,24 @@ def _register_grounding(root: str) -> None:
         )
 
 
+def _register_captions(root: str) -> None:
+    for name, (json_file, images, splits, evaluator_type) in KARPATHY_SPLITS.items():
+        json_path, image_root = os.path.join(root, json_file), os.path.join(root, images)
+        register_caption_dataset(
+            name, lambda j=json_path, i=image_root, s=splits, n=name: load_karpathy_json(j, i, s, n),
+            evaluator_type=evaluator_type, json_file=json_path, image_root=image_root, karpathy_splits=list(splits))
+    for name, (files, missing_ok, evaluator_type) in ARROW_CAPTION_SETS.items():
+        paths = [os.path.join(root, "arrow", f) for f in files]
+        register_caption_dataset(
+            name, lambda p=paths, m=missing_ok, n=name: load_caption_arrow(p, n, missing_ok=m),
+            evaluator_type=evaluator_type, arrow_files=paths)
+
+
 def register_all_fiber_datasets(root: str) -> None:
     """(Re-)registers every standard name at ``root``; called at import with :func:`default_root`."""
     _register_detection(root)
     _register_grounding(root)
+    _register_captions(root)
 
 
 register_all_fiber_datasets(default_root())
