@@ -114,7 +114,16 @@ def test_browser_upload_detect_and_bad_file(server, tmp_path):
         page.locator("#image-upload input[type=file]").set_input_files(str(tmp_path / "notes.jpg"))
         expect(page.locator("#status")).to_contain_text("not an image file", timeout=60_000)
         page.screenshot(path=str(tmp_path / "web_demo_bad_upload.png"))
+        # the server's upload limit (--max-upload-mb 5): a message in the page, 413 for a direct POST
+        (tmp_path / "big.jpg").write_bytes(b"\0" * (6 << 20))
+        page.locator("#image-upload").get_by_role("button", name="Clear").click()
+        page.locator("#image-upload input[type=file]").set_input_files(str(tmp_path / "big.jpg"))
+        expect(page.get_by_text("exceed the maximum allowed size")).to_be_visible(timeout=60_000)
         browser.close()
+    import httpx
+
+    response = httpx.post(server + "gradio_api/upload", files={"files": ("big.jpg", b"\0" * (6 << 20))})
+    assert response.status_code == 413, response.text
     assert (tmp_path / "web_demo.png").stat().st_size > 10_000
 
 
