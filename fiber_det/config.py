@@ -1,6 +1,7 @@
 """fiber-det's config keys, added to Detectron2's yacs config by :func:`add_fiber_config`.
 
-Defaults reproduce the official FIBER-B fine-grained model (spec §0, §1.2, Appendix D). Every key
+Defaults reproduce the official FIBER-B fine-grained model (its yaml values, and the code's
+defaults where the yaml is silent). Every key
 below is read somewhere; Detectron2 keys that FIBER reuses are set in configs/Base-FIBER-SwinB.yaml
 (MODEL.PIXEL_MEAN/STD, INPUT.*, MODEL.ANCHOR_GENERATOR.*, MODEL.FPN.OUT_CHANNELS,
 MODEL.BACKBONE.FREEZE_AT, TEST.DETECTIONS_PER_IMAGE).
@@ -94,7 +95,7 @@ def _add_coarse_config(cfg: CN) -> None:
 
 
 def _add_data_config(cfg: CN) -> None:
-    """Data keys (spec §7): augmentation, dataset mixing, detection prompts."""
+    """Data keys: augmentation, dataset mixing, detection prompts."""
     cfg.INPUT.FLIP_PROB = 0.5  # horizontal flip probability in training (legacy "+1"; 0 for RefCOCO)
     cfg.DATASETS.COPY_FACTORS = []  # one int per DATASETS.TRAIN entry: times it is repeated ([] = 1s)
     p = cfg.DATASETS.PROMPT = CN()
@@ -103,7 +104,7 @@ def _add_data_config(cfg: CN) -> None:
     p.MAX_NEGATIVES = 85  # sampled negative names per sample, sampled-negatives path (RANDOM_SAMPLE_NEG)
     p.CONTROL_PROB = [0.0, 0.0, 1.0, 0.0]  # sampled-negatives path: P(one negative), P(no
     # negative), P(all MAX_NEGATIVES), P(drop positives; must be 0 as upstream asserts); the rest
-    # of the mass draws a uniform count in 1..MAX_NEGATIVES (spec §7.2 (b))
+    # of the mass draws a uniform count in 1..MAX_NEGATIVES (fiber_det.data.training_prompts)
     p.USE_CAPTION_PROMPT = False  # wrap names with the dataset's caption_prompt metadata (ODinW)
     cfg.INPUT.CAPTION_TRANSFORM = "albef"  # image-caption training transform (ImageCaptionMapper):
     # "albef" (square resize only: the official pre-training) or "albef_randaug" (random resized
@@ -112,7 +113,7 @@ def _add_data_config(cfg: CN) -> None:
 
 
 def _add_solver_config(cfg: CN) -> None:
-    """Optimisation keys (spec §9) that Detectron2 lacks; BASE_LR, WEIGHT_DECAY, BIAS_LR_FACTOR,
+    """Optimisation keys that Detectron2 lacks; BASE_LR, WEIGHT_DECAY, BIAS_LR_FACTOR,
     WEIGHT_DECAY_BIAS, WARMUP_*, GAMMA, MAX_ITER, CHECKPOINT_PERIOD, AMP.ENABLED and
     CLIP_GRADIENTS.* are Detectron2's own."""
     s = cfg.SOLVER
@@ -133,11 +134,12 @@ def _add_solver_config(cfg: CN) -> None:
 
 
 def _add_test_config(cfg: CN) -> None:
-    """Evaluation keys (spec §8)."""
+    """Evaluation keys."""
     t = cfg.TEST
     t.CHUNK_SIZE = 0  # categories per prompt at test time (LVIS: 40); 0 = one prompt, split
     # automatically only when it would exceed MODEL.FIBER.TEXT.MAX_QUERY_LEN tokens
     t.PROMPTS_PER_BATCH = 8  # (image, prompt) pairs per forward when inputs carry several prompts
+    # (at least the images of the batch)
     t.COCO_BOX_PLUS_ONE = True  # COCO results as xywh with w = x2 - x1 + 1 (official; paper numbers)
     t.LVIS_TOPK_PER_CATEGORY = 10000  # FixedAP: detections kept per category over the dataset
     r = t.RETRIEVAL = CN()  # image-text retrieval evaluation (evaluator_type "retrieval")

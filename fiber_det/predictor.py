@@ -13,13 +13,15 @@ Prompts (one shared by all images, or a list with one per image):
     else the whole caption plus its comma / "and"-separated parts);
   * category names: a list of strings (label k + 1 is name k). A vocabulary whose prompt exceeds
     MODEL.FIBER.TEXT.MAX_QUERY_LEN tokens (or any, with TEST.CHUNK_SIZE > 0) is split into chunk
-    prompts that the model runs and concatenates; the predictor then applies class-aware NMS
-    across chunks (``torchvision.ops.batched_nms`` at MODEL.FIBER.ATSS.NMS_TH, plain IoU: a
-    no-op, since every label lives in one chunk, kept so the merge needs no such assumption) and
-    keeps the TEST.DETECTIONS_PER_IMAGE best (exactly that many, not upstream's tie-keeping k-th
-    value rule).
-A list of strings is always a shared vocabulary; a list holding dicts or lists is per image (its
-strings are then captions), so per-image captions are best given as ``{"caption": ...}`` dicts.
+    prompts (:meth:`fiber_det.data.prompt.PromptBuilder.chunks`) that the model runs and merges
+    with :func:`fiber_det.modeling.postprocess.merge_chunk_detections`, the evaluators' rule,
+    except that the merged list keeps only the TEST.DETECTIONS_PER_IMAGE best (exactly that many,
+    not upstream's tie-keeping k-th value rule, which stays within each chunk);
+  * a :class:`fiber_det.data.prompt.Prompt` made with this predictor's ``prompt_builder`` (used as
+    it is; its labels' first spans are reported).
+A list of strings is always a shared vocabulary; a list holding dicts, lists or prompts is per
+image (its strings are then captions), so per-image captions are best given as
+``{"caption": ...}`` dicts.
 
 Bad input for one image (unreadable file, empty caption, a phrase not in the caption, ...) gives
 that image's :class:`ImageResult` an ``error`` naming it; the other images still complete.
@@ -33,21 +35,21 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
-from torchvision.ops import batched_nms
+from PIL import Image
 
 from detectron2.config import get_cfg
-from detectron2.data import detection_utils
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
+from detectron2.utils.logger import log_first_n
 
 from .checkpoint.checkpointer import FiberCheckpointer
 from .config import add_fiber_config
+from .data.image_io import read_image
 from .data.phrases import caption_phrases, phrase_spans
-from .data.prompts import build_label_to_tokens, chunk_category_prompts
+from .data.prompt import Prompt, PromptBuilder
 from .data.transforms import build_transforms
-from .modeling.meta_arch import reorder_instances
+from .utils.device import resolve_device
 
 __all__ = ["Detection", "ImageResult", "FIBERPredictor"]
 
@@ -115,7 +117,8 @@ class FIBERPredictor:
 
     Args:
         cfg: a fiber-det config; MODEL.WEIGHTS (if set) is loaded with FiberCheckpointer (strict;
-            official FIBER checkpoints are converted on the fly), MODEL.DEVICE picks the device.
+            official FIBER checkpoints are converted on the fly; files that would run code are
+            refused), MODEL.DEVICE picks the device (a CUDA device without CUDA: the CPU).
         amp_dtype: None (fp32) or torch.float16 / torch.bfloat16 (or their names) for autocast.
         batch_size: default images per forward. 1 by default: images of different resized sizes
             are zero-padded to a common size in a batch, which changes the features near their
@@ -126,27 +129,27 @@ class FIBERPredictor:
         self.amp_dtype = _amp_dtype(amp_dtype)
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.cfg = cfg.clone()
+        self.cfg.defrost()
+        self.cfg.MODEL.DEVICE = resolve_device(self.cfg.MODEL.DEVICE)
+        self.cfg.freeze()
+        logger.info("FIBERPredictor runs on %s", self.cfg.MODEL.DEVICE)
         self.model = build_model(self.cfg)
         self.model.eval()
         if self.cfg.MODEL.WEIGHTS:
             FiberCheckpointer(self.model).load(self.cfg.MODEL.WEIGHTS)
         else:
             logger.warning("MODEL.WEIGHTS is empty: the predictor runs a randomly initialised model")
-        if self.model.tokenizer is None:
-            raise ValueError("MODEL.FIBER.TEXT.TOKENIZER is empty: the predictor needs a tokenizer")
+        self.prompt_builder = PromptBuilder(self.cfg)
         self.augmentations = T.AugmentationList(build_transforms(self.cfg, is_train=False))
-        self.max_query_len = self.cfg.MODEL.FIBER.TEXT.MAX_QUERY_LEN
         self.chunk_size = self.cfg.TEST.CHUNK_SIZE
-        self.separator = self.cfg.DATASETS.PROMPT.SEPARATOR
-        self.nms_threshold = self.cfg.MODEL.FIBER.ATSS.NMS_TH
         self.detections_per_image = self.cfg.TEST.DETECTIONS_PER_IMAGE
 
     @classmethod
     def from_checkpoint(cls, config_file, weights: Optional[str] = None, opts: Optional[Sequence[str]] = None,
                         device: Optional[str] = None, **kwargs) -> "FIBERPredictor":
         """A predictor from a yaml file, a checkpoint (None: the config's MODEL.WEIGHTS), a
-        ``[KEY, VALUE, ...]`` override list and a device ("cpu", "cuda", ...; None: MODEL.DEVICE).
-        Other keyword arguments go to the constructor."""
+        ``[KEY, VALUE, ...]`` override list and a device ("cpu", "cuda", ...; None: MODEL.DEVICE,
+        whose default "cuda" means the CPU where CUDA is not available). Other keyword arguments go to the constructor."""
         cfg = add_fiber_config(get_cfg())
         cfg.merge_from_file(str(config_file))
         cfg.merge_from_list(list(opts or []))
@@ -159,15 +162,16 @@ class FIBERPredictor:
 
     @property
     def tokenizer(self):
-        return self.model.tokenizer
+        """The model's tokenizer (``prompt_builder.tokenizer``)."""
+        return self.prompt_builder.tokenizer
 
     def __call__(self, images, prompts, *, input_format: str = "BGR", batch_size: Optional[int] = None):
         """Detects the prompts' phrases in the images.
 
         Args:
-            images: one image or a list; each a path, a PIL image (read as RGB; EXIF orientation
-                applied, as for paths) or an (H, W, 3) / (H, W) uint8 numpy array in
-                ``input_format``.
+            images: one image or a list; each a path, a PIL image or an (H, W, 3) / (H, W)
+                uint8 or uint16 numpy array in ``input_format``, decoded by
+                :func:`fiber_det.data.image_io.read_image` (as in training).
             prompts: one prompt for all images, or a list with one per image (see module doc).
             input_format: "BGR" or "RGB", the channel order of numpy inputs.
             batch_size: images per forward (default: the constructor's).
@@ -206,21 +210,28 @@ class FIBERPredictor:
             raise _ImageError(f"{result.name}: {fields}")
         result.caption = fields["_caption"]
         aug = T.AugInput(bgr)
-        self.augmentations(aug)
+        try:
+            self.augmentations(aug)
+        except ValueError as e:
+            raise _ImageError(f"{result.name}: cannot resize the {result.width}x{result.height} image ({e})") from e
         tensor = torch.as_tensor(np.ascontiguousarray(aug.image.transpose(2, 0, 1)))
         return {"image": tensor, "height": result.height, "width": result.width, **fields}
 
     def _prompt_fields(self, prompt) -> dict:
-        """Model prompt fields of one prompt plus "_caption", "_spans" ({label: span}) and
-        "_chunked" (bookkeeping the predictor removes before the forward)."""
+        """The model's ``prompts`` of one user prompt plus "_caption" (None for category names),
+        "_spans" ({label: [start, end)}) and "_names" ({label: phrase}), bookkeeping the
+        predictor removes before the forward."""
+        if isinstance(prompt, Prompt):
+            spans = {label: list(spans[0]) for label, spans in prompt.spans.items() if spans}
+            return {"prompts": (prompt,), "_caption": prompt.caption, "_spans": spans, "_names": dict(prompt.names)}
         if isinstance(prompt, str):
             prompt = {"caption": prompt}
         if isinstance(prompt, dict):
             return self._caption_fields(prompt)
         if isinstance(prompt, (list, tuple)):
             return self._category_fields(prompt)
-        raise TypeError(f"a prompt must be a caption str, a {{'caption', 'phrases'}} dict or a list of "
-                        f"category names, got {type(prompt).__name__}")
+        raise TypeError(f"a prompt must be a caption str, a {{'caption', 'phrases'}} dict, a list of category "
+                        f"names or a Prompt, got {type(prompt).__name__}")
 
     def _caption_fields(self, prompt: dict) -> dict:
         unknown = set(prompt) - {"caption", "phrases"}
@@ -231,20 +242,13 @@ class FIBERPredictor:
             raise ValueError(f"caption {caption!r} is empty: nothing to ground")
         phrases = prompt.get("phrases")
         spans = caption_phrases(caption) if phrases is None else phrase_spans(caption, phrases)
-        label_spans = {k + 1: [list(s)] for k, s in enumerate(spans)}
-        label_to_tokens = build_label_to_tokens(self.tokenizer, caption, label_spans)
-        for label, tokens in label_to_tokens.items():
-            if max(tokens) >= self.max_query_len:
-                s, e = spans[label - 1]
-                raise ValueError(
-                    f"phrase {caption[s:e]!r} [{s}, {e}) lies past the first {self.max_query_len} tokens, where "
-                    "the caption is cut (MODEL.FIBER.TEXT.MAX_QUERY_LEN); shorten the caption"
-                )
-        return {
-            "caption": caption, "label_to_tokens": label_to_tokens,
-            "label_names": {k + 1: caption[s:e] for k, (s, e) in enumerate(spans)},
-            "_caption": caption, "_spans": {k + 1: [s, e] for k, (s, e) in enumerate(spans)}, "_chunked": False,
-        }
+        built = self.prompt_builder.build(caption, {k + 1: [s] for k, s in enumerate(spans)})
+        num_tokens, cut = len(self.tokenizer(caption)["input_ids"]), self.prompt_builder.max_length
+        if num_tokens > cut:
+            log_first_n(logging.WARNING, f"a caption of {num_tokens} tokens is cut to its first {cut} "
+                        "(MODEL.FIBER.TEXT.MAX_QUERY_LEN); its phrases all lie before the cut", name=__name__)
+        return {"prompts": (built,), "_caption": caption, "_names": dict(built.names),
+                "_spans": {k + 1: [s, e] for k, (s, e) in enumerate(spans)}}
 
     def _category_fields(self, names: Sequence[str]) -> dict:
         if len(names) == 0:
@@ -252,14 +256,9 @@ class FIBERPredictor:
         for k, name in enumerate(names):
             if not isinstance(name, str) or not name.strip():
                 raise ValueError(f"category {k} ({name!r}) must be a non-empty string")
-        chunks = chunk_category_prompts(
-            list(names), self.tokenizer, self.chunk_size, self.max_query_len, self.separator
-        )
-        prompts = [{"caption": c["caption"], "label_names": c["label_names"],
-                    "label_to_tokens": build_label_to_tokens(self.tokenizer, c["caption"], c["label_spans"])}
-                   for c in chunks]
-        fields = {"prompts": prompts} if len(prompts) > 1 else dict(prompts[0])
-        return {**fields, "_caption": None, "_spans": {}, "_chunked": len(prompts) > 1}
+        prompts = self.prompt_builder.chunks(list(names), self.chunk_size)
+        return {"prompts": prompts, "_caption": None, "_spans": {},
+                "_names": {label: name for p in prompts for label, name in p.names.items()}}
 
     # ---- forward ----
     def _run_batch(self, batch) -> None:
@@ -279,29 +278,19 @@ class FIBERPredictor:
             inst = out["instances"].to("cpu")
             inst.pred_boxes.tensor = inst.pred_boxes.tensor.float()
             inst.scores = inst.scores.float()
-            if x["_chunked"]:
-                inst = self._merge_chunks(inst)
             result.instances = inst
-            result.detections = _detections(inst, x["_spans"])
+            result.detections = _detections(inst, x["_spans"], x["_names"])
 
     def _forward(self, inputs: List[dict]) -> List[dict]:
         amp = nullcontext() if self.amp_dtype is None else torch.autocast(self.model.device.type, self.amp_dtype)
         with torch.no_grad(), amp:
-            return self.model(inputs)
-
-    def _merge_chunks(self, inst: Instances) -> Instances:
-        """Class-aware NMS across chunk detections, then the per-image cap."""
-        keep = batched_nms(inst.pred_boxes.tensor, inst.scores, inst.pred_labels, self.nms_threshold)
-        if self.detections_per_image > 0:
-            keep = keep[: self.detections_per_image]
-        return reorder_instances(inst, keep)
+            return self.model.inference(inputs, max_merged_detections=self.detections_per_image)
 
 
-def _detections(inst: Instances, spans: Dict[int, List[int]]) -> List[Detection]:
+def _detections(inst: Instances, spans: Dict[int, List[int]], names: Dict[int, str]) -> List[Detection]:
     boxes, scores, labels = inst.pred_boxes.tensor.tolist(), inst.scores.tolist(), inst.pred_labels.tolist()
-    phrases = inst.pred_phrases if inst.has("pred_phrases") else [""] * len(inst)
-    return [Detection(box=b, score=s, label=int(lab), phrase=p, span=spans.get(int(lab)))
-            for b, s, lab, p in zip(boxes, scores, labels, phrases)]
+    return [Detection(box=b, score=s, label=int(lab), phrase=names.get(int(lab), ""), span=spans.get(int(lab)))
+            for b, s, lab in zip(boxes, scores, labels)]
 
 
 def _try(fn, *args):
@@ -314,22 +303,12 @@ def _try(fn, *args):
 
 def _read_bgr(image, input_format: str, name: str) -> np.ndarray:
     """(H, W, 3) uint8 BGR array of a path, PIL image or numpy array; _ImageError naming it."""
-    if isinstance(image, (str, Path)):
-        try:
-            return detection_utils.read_image(str(image), format="BGR")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    try:
+        return read_image(image, "BGR", name=name, input_format=input_format)
+    except (OSError, ValueError) as e:
+        if isinstance(image, (str, Path)):
             raise _ImageError(f"{name}: cannot read the image ({type(e).__name__}: {e})") from e
-    if isinstance(image, Image.Image):
-        return detection_utils.convert_PIL_to_numpy(ImageOps.exif_transpose(image), "BGR")
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise _ImageError(f"{name}: numpy images must be uint8 (H, W, 3), got dtype {image.dtype}")
-        if image.ndim == 2:
-            image = np.repeat(image[:, :, None], 3, axis=2)
-        if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
-            raise _ImageError(f"{name}: numpy images must be (H, W, 3) or (H, W), got shape {image.shape}")
-        return np.ascontiguousarray(image[:, :, ::-1] if input_format == "RGB" else image)
-    raise _ImageError(f"{name}: unsupported image type {type(image).__name__} (path, PIL image or numpy array)")
+        raise _ImageError(str(e)) from e
 
 
 def _is_single_image(images) -> bool:
@@ -341,8 +320,9 @@ def _image_name(image, index: int) -> str:
 
 
 def _prompts_per_image(prompts, num_images: int) -> list:
-    """One prompt per image: a str, a dict or a list of str is shared; another list is per image."""
-    shared = isinstance(prompts, (str, dict)) or (
+    """One prompt per image: a str, a dict, a Prompt or a list of str is shared; another list is
+    per image."""
+    shared = isinstance(prompts, (str, dict, Prompt)) or (
         isinstance(prompts, (list, tuple)) and len(prompts) > 0 and all(isinstance(p, str) for p in prompts)
     )
     if shared:

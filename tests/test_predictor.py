@@ -1,5 +1,6 @@
 """FIBERPredictor on real photos with the tiny GPT-2 model (random weights, seed 0): batching,
 vocabulary chunking, per-image errors, input formats and phrase resolution."""
+import copy
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ from skimage import data
 
 from conftest import REPO, tiny_cfg
 from fiber_det.data.phrases import caption_phrases, find_noun_phrases, phrase_spans, split_caption_phrases
-from fiber_det.data.prompts import chunk_category_prompts
+from fiber_det.data.prompt import PromptBuilder
 from fiber_det.predictor import FIBERPredictor, ImageResult
 
 # threshold 0: random weights score ~0.01 per token, so the default 0.05 would find nothing;
@@ -76,13 +77,13 @@ def long_text_predictor():
 def test_1203_names_are_chunked_and_every_chunk_contributes(long_text_predictor):
     p = long_text_predictor
     names = [f"thing {i}" for i in range(1, 1204)]
-    chunks = chunk_category_prompts(names, p.tokenizer, 0, 256)
+    chunks = p.prompt_builder.chunks(names)
     assert len(chunks) > 10
     result = p(COFFEE, names, input_format="RGB")
     assert result.error is None
     labels = {d.label for d in result.detections}
     for k, chunk in enumerate(chunks):
-        assert labels & set(chunk["label_names"]), f"chunk {k} has no detection"
+        assert labels & set(chunk.labels), f"chunk {k} has no detection"
     assert all(d.phrase == names[d.label - 1] for d in result.detections)
     scores = [d.score for d in result.detections]
     assert scores == sorted(scores, reverse=True)
@@ -91,14 +92,12 @@ def test_1203_names_are_chunked_and_every_chunk_contributes(long_text_predictor)
 def test_chunk_merge_caps_at_detections_per_image(long_text_predictor):
     p = long_text_predictor
     names = [f"thing {i}" for i in range(1, 201)]
-    assert len(chunk_category_prompts(names, p.tokenizer, 0, 256)) >= 2
+    assert len(p.prompt_builder.chunks(names)) >= 2
     full = p(CHELSEA, names, input_format="RGB")
     assert len(full.detections) > 20
-    p.detections_per_image = 20
-    try:
-        capped = p(CHELSEA, names, input_format="RGB")
-    finally:
-        p.detections_per_image = 0
+    capping = copy.copy(p)  # the shared fixture stays as it is
+    capping.detections_per_image = 20
+    capped = capping(CHELSEA, names, input_format="RGB")
     assert len(capped.detections) == 20
     assert [d.score for d in capped.detections] == [d.score for d in full.detections[:20]]
 
@@ -122,14 +121,14 @@ def test_bad_images_and_prompts_fail_alone(predictor, coffee_cup, tmp_path):
 
 
 def test_model_side_error_fails_only_that_image(predictor, monkeypatch):
-    original = predictor.model.label_map
+    original = predictor.model.postprocess
 
-    def label_map(x, i, num_tokens):
-        if x["caption"] == "boom":
+    def postprocess(outputs, anchors, image_sizes, inputs, prompts):
+        if any(p.caption == "boom" for p in prompts):
             raise ValueError("rejected by the model")
-        return original(x, i, num_tokens)
+        return original(outputs, anchors, image_sizes, inputs, prompts)
 
-    monkeypatch.setattr(predictor.model, "label_map", label_map)
+    monkeypatch.setattr(predictor.model, "postprocess", postprocess)
     results = predictor([COFFEE, CHELSEA], [{"caption": "boom"}, CUP], input_format="RGB", batch_size=2)
     assert results[0].error == "image 0: rejected by the model"
     assert results[1].error is None and results[1].detections
@@ -196,6 +195,19 @@ def test_prompt_forms(predictor):
     assert "category 1" in predictor(COFFEE, [["cup", ""]]).error
 
 
+def test_a_prompt_object_is_used_as_it_is(predictor, coffee_cup):
+    """What the web demo or a cache hands over: a Prompt made with the predictor's builder."""
+    spans = {k + 1: [s] for k, s in enumerate(phrase_spans(CUP["caption"], CUP["phrases"]))}
+    prompt = predictor.prompt_builder.build(CUP["caption"], spans)
+    assert_same_detections(predictor(COFFEE, prompt, input_format="RGB"), coffee_cup)
+    per_image = predictor([COFFEE, CHELSEA], [prompt, ["cat"]], input_format="RGB")
+    assert_same_detections(per_image[0], coffee_cup)
+    assert {d.phrase for d in per_image[1].detections} == {"cat"}
+    too_long = PromptBuilder(predictor.tokenizer, max_length=256).build("a cup " * 40, {1: [[2, 5]]})
+    error = predictor(COFFEE, too_long, input_format="RGB").error
+    assert error.startswith("image 0: prompt 0 has 83 tokens but the model reads 64")
+
+
 def test_from_checkpoint_loads_the_weights(predictor, coffee_cup, tmp_path):
     weights = tmp_path / "tiny.pth"
     torch.save({"model": predictor.model.state_dict()}, weights)
@@ -208,11 +220,9 @@ def test_from_checkpoint_loads_the_weights(predictor, coffee_cup, tmp_path):
 
 def test_bfloat16_autocast_on_cpu(predictor, coffee_cup):
     reference = coffee_cup
-    predictor.amp_dtype = torch.bfloat16
-    try:
-        result = predictor(COFFEE, CUP, input_format="RGB")
-    finally:
-        predictor.amp_dtype = None
+    bf16 = copy.copy(predictor)  # the shared fixture stays fp32
+    bf16.amp_dtype = torch.bfloat16
+    result = bf16(COFFEE, CUP, input_format="RGB")
     assert result.error is None and result.detections
     boxes = torch.tensor([d.box for d in result.detections])
     assert boxes.dtype == torch.float32 and torch.isfinite(boxes).all()
@@ -220,3 +230,38 @@ def test_bfloat16_autocast_on_cpu(predictor, coffee_cup):
     assert abs(result.detections[0].score - reference.detections[0].score) < 0.02
     with pytest.raises(ValueError, match="amp_dtype"):
         FIBERPredictor(tiny_cfg(), amp_dtype=torch.float64)
+
+
+def test_default_device_is_the_cpu_without_cuda(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level("INFO", logger="fiber_det"):
+        predictor = make_predictor(MODEL__DEVICE="cuda")  # Detectron2's default
+    assert predictor.model.device.type == "cpu" and predictor.cfg.MODEL.DEVICE == "cpu"
+    assert "CUDA is not available: running on the CPU" in caplog.text and "FIBERPredictor runs on cpu" in caplog.text
+
+
+def test_a_long_caption_gives_fiber_dets_message_only(predictor, capfd, caplog, monkeypatch):
+    import collections
+
+    from detectron2.utils import logger as d2_logger
+
+    monkeypatch.setattr(d2_logger, "_LOG_COUNTER", collections.Counter())  # log_first_n starts afresh
+    caption = "a cup of coffee " + "and a very long description " * 180  # ~5,000 characters
+    assert len(caption) > 5000
+    results = predictor([COFFEE, CHELSEA], {"caption": caption}, input_format="RGB")
+    errors = [r.error for r in results]
+    # the free-text phrases include the whole caption, which runs past the 64-token cut
+    assert all(e is not None and "lies past the first 63 tokens" in e and len(e) < 300 for e in errors), errors
+    with caplog.at_level("WARNING"):
+        ok = predictor(COFFEE, {"caption": caption, "phrases": ["a cup", "coffee"]}, input_format="RGB")
+        predictor(COFFEE, {"caption": caption, "phrases": ["a cup"]}, input_format="RGB")
+    assert ok.error is None
+    assert "Token indices sequence length" not in capfd.readouterr().err + caplog.text  # transformers' warning
+    assert caplog.text.count("tokens is cut to its first 64 (MODEL.FIBER.TEXT.MAX_QUERY_LEN)") == 1  # once
+
+
+def test_an_extreme_aspect_ratio_image_is_answered(predictor):
+    result = predictor(np.zeros((20, 10000, 3), np.uint8), ["cat"])
+    assert result.error is None and (result.height, result.width) == (20, 10000)
+    for box in (d.box for d in result.detections):
+        assert 0 <= box[0] <= box[2] <= 10000 and 0 <= box[1] <= box[3] <= 20

@@ -57,8 +57,7 @@ from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from fiber_det import add_fiber_config  # noqa: E402
-from fiber_det.data.prompts import (  # noqa: E402
-    build_detection_prompt, build_label_to_tokens, chunk_category_prompts)
+from fiber_det.data.prompt import Prompt, PromptBuilder  # noqa: E402
 from fiber_det.engine.optimizer import build_optimizer  # noqa: E402
 from fiber_det.utils.flops import count_flops  # noqa: E402
 from fiber_det.utils.paths import REPO_ROOT  # noqa: E402
@@ -74,7 +73,7 @@ ROBERTA_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
 LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchCooperativeKernel", "cudaGraphLaunch")
 GIB = 2.0 ** 30
 
-# Official FIBER-B numbers (issue 10): H100, batch 2 at 800x1333, 256-token prompt.
+# Official FIBER-B numbers (the official code measured on an H100): batch 2 at 800x1333, 256-token prompt.
 REFERENCE = [
     ("train_step_time (AMP fp16, checkpointing on)", 0.675, "s"),
     ("train_throughput (AMP fp16, checkpointing on)", 2.96, "img/s"),
@@ -162,10 +161,11 @@ def build_cfg(args):
 
 
 def build_benchmark_model(cfg):
-    """(model on cfg.MODEL.DEVICE with random weights, a description of its tokenizer)."""
+    """(model on cfg.MODEL.DEVICE with random weights, its PromptBuilder, a description of the
+    tokenizer)."""
     t = cfg.MODEL.FIBER.TEXT
     if t.TOKENIZER:
-        return build_model(cfg), t.TOKENIZER
+        return build_model(cfg), PromptBuilder(cfg), t.TOKENIZER
     if t.ARCH != "roberta" or t.PAD_TOKEN_ID != 1:
         raise ValueError(
             f"MODEL.FIBER.TEXT.TOKENIZER is empty and the text tower is ARCH {t.ARCH!r} with PAD_TOKEN_ID "
@@ -176,45 +176,35 @@ def build_benchmark_model(cfg):
         cfg = cfg.clone()
         cfg.defrost()
         cfg.MODEL.FIBER.TEXT.TOKENIZER = str(write_roberta_order_bpe(GPT2_BPE, Path(tmp)))
-        model = build_model(cfg)  # the tokenizer is loaded here; the folder is not needed after
-    return model, "stand-in: tests/assets/gpt2_bpe re-indexed in RoBERTa order (pad 1); roberta-base's merges"
+        builder = PromptBuilder(cfg)  # the tokenizer is loaded here; the folder is not needed after
+        model = build_model(cfg)
+    return model, builder, "stand-in: tests/assets/gpt2_bpe re-indexed in RoBERTa order (pad 1); roberta-base's merges"
 
 
-def coco_prompt(tokenizer, max_tokens: int) -> dict:
+def coco_prompt(builder: PromptBuilder) -> Prompt:
     """The 80-name COCO prompt as the test mapper builds it (194 RoBERTa tokens), or, when it
-    exceeds ``max_tokens`` (tiny configs), the first of its chunks: {"caption", "label_spans",
-    "label_names", "label_to_tokens"}."""
+    exceeds the builder's ``max_length`` (tiny configs), the first of its chunks."""
     things = sorted((c for c in COCO_CATEGORIES if c["isthing"]), key=lambda c: c["id"])
-    names = [c["name"] for c in things]
-    caption, spans = build_detection_prompt(names)
-    if len(tokenizer(caption)["input_ids"]) <= max_tokens:
-        prompt = {"caption": caption, "label_spans": spans, "label_names": dict(enumerate(names, start=1))}
-    else:
-        prompt = chunk_category_prompts(names, tokenizer, max_tokens=max_tokens)[0]
-    prompt["label_to_tokens"] = build_label_to_tokens(tokenizer, prompt["caption"], prompt["label_spans"])
-    return prompt
+    return builder.chunks([c["name"] for c in things])[0]
 
 
-def synthetic_inputs(n, height, width, prompt, gen, boxes_per_image=0, max_query_len=0):
+def synthetic_inputs(n, height, width, prompt: Prompt, gen, boxes_per_image=0, max_query_len=0):
     """``n`` model inputs (random BGR images, the prompt); with ``boxes_per_image`` training
     ``instances`` (random boxes, each with the binary token map of a random prompt label)."""
-    labels = sorted(prompt["label_to_tokens"])
+    labels = prompt.labels
     inputs = []
     for _ in range(n):
         x = {"image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=gen),
-             "height": height, "width": width, "caption": prompt["caption"]}
+             "height": height, "width": width, "prompts": (prompt,)}
         if boxes_per_image:
             corner = torch.rand(boxes_per_image, 2, generator=gen) * 0.6
             size = 0.05 + torch.rand(boxes_per_image, 2, generator=gen) * 0.35
             boxes = torch.cat([corner, corner + size], dim=1) * torch.tensor([width, height, width, height])
-            pmap = torch.zeros(boxes_per_image, max_query_len)
-            for row, k in enumerate(torch.randint(0, len(labels), (boxes_per_image,), generator=gen).tolist()):
-                pmap[row, prompt["label_to_tokens"][labels[k]]] = 1.0
+            picks = torch.randint(0, len(labels), (boxes_per_image,), generator=gen).tolist()
             inst = Instances((height, width))
-            inst.gt_boxes, inst.gt_positive_map = Boxes(boxes), pmap
+            inst.gt_boxes = Boxes(boxes)
+            inst.gt_positive_map = prompt.positive_map([labels[k] for k in picks], max_query_len)
             x["instances"] = inst
-        else:
-            x["label_spans"], x["label_names"] = prompt["label_spans"], prompt["label_names"]
         inputs.append(x)
     return inputs
 
@@ -335,12 +325,13 @@ def measure_train(model, cfg, args, inputs, device, rows):
 def _split_inference(model, inputs, device):
     """(preparation, network, post-processing) seconds of one inference call."""
     t0 = _now(device)
+    prompts = [model.prompts_of(x, i)[0] for i, x in enumerate(inputs)]
     images = model.preprocess_images(inputs)
-    tokens = model.tokenize(inputs)
+    input_ids, attention_mask = model.text_inputs(prompts)
     t1 = _now(device)
-    outputs, anchors = model.run(images.tensor, tokens["input_ids"], tokens["attention_mask"])
+    outputs, anchors = model.run(images.tensor, input_ids, attention_mask)
     t2 = _now(device)
-    model.inference(inputs, outputs, anchors, images.image_sizes, tokens["attention_mask"].shape[1])
+    model.postprocess(outputs, anchors, images.image_sizes, inputs, prompts)
     return t1 - t0, t2 - t1, _now(device) - t2
 
 
@@ -367,9 +358,9 @@ def measure_infer(model, args, single, batched, device, rows):
         batch_time = _time_calls(lambda: model(batched), args.iters, args.warmup, device)
     rows += [
         ("infer_latency", latency, "s/image (batch 1, end to end)"),
-        ("infer_preprocess_time", prep, "s (normalise, pad, tokenize)"),
+        ("infer_preprocess_time", prep, "s (normalise, pad, collate the prompt token ids)"),
         ("infer_forward_time", net, "s (model.run)"),
-        ("infer_postprocess_time", post, "s (model.inference)"),
+        ("infer_postprocess_time", post, "s (model.postprocess)"),
         ("infer_peak_memory", peak, peak_unit),
         ("infer_kernel_launches", launches, launch_unit),
         ("infer_batched_throughput", len(batched) / batch_time, f"img/s (batch {len(batched)})"),
@@ -380,8 +371,8 @@ def measure_flops(model, args, single, train_inputs, device, rows, counts):
     model.eval()
     with torch.no_grad():
         images = model.preprocess_images(single)
-        tokens = model.tokenize(single)
-        _, fwd = count_flops(lambda: model.run(images.tensor, tokens["input_ids"], tokens["attention_mask"]), model)
+        input_ids, attention_mask = model.text_inputs([single[0]["prompts"][0]])
+        _, fwd = count_flops(lambda: model.run(images.tensor, input_ids, attention_mask), model)
     counts["forward"] = vars(fwd) | {"total": fwd.total}
     rows += [
         ("forward_flops", fwd.total / 1e12, "TFLOP (1 image)"),
@@ -436,9 +427,9 @@ def run_benchmark(args) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     cfg = build_cfg(args)
-    model, tokenizer_note = build_benchmark_model(cfg)
+    model, builder, tokenizer_note = build_benchmark_model(cfg)
     model.score_threshold = args.score_threshold
-    prompt = coco_prompt(model.tokenizer, cfg.MODEL.FIBER.TEXT.MAX_QUERY_LEN)
+    prompt = coco_prompt(builder)
     gen = torch.Generator().manual_seed(args.seed)
     h, w = args.height, args.width
     train_inputs = synthetic_inputs(args.batch, h, w, prompt, gen, args.boxes_per_image,
@@ -453,12 +444,12 @@ def run_benchmark(args) -> dict:
         measure_flops(model, args, single, train_inputs, device, rows, counts)
     peak = add_mfu(args, device, rows)
     padded = model.preprocess_images(single).tensor.shape[-2:]
-    tokens = model.tokenize(single)["input_ids"].shape[1]
+    tokens = model.text_inputs([prompt])[0].shape[1]
     settings = {
         "config_file": args.config_file, "opts": list(args.opts), "sections": args.sections,
         "batch": args.batch, "image_size": [h, w], "padded_size": list(padded), "infer_batch": args.infer_batch,
         "iters": args.iters, "warmup": args.warmup, "amp": args.amp, "infer_amp": args.infer_amp,
-        "prompt_categories": len(prompt["label_spans"]), "prompt_tokens": tokens,
+        "prompt_categories": len(prompt.labels), "prompt_tokens": tokens,
         "pad_to_max": cfg.MODEL.FIBER.TEXT.PAD_TO_MAX, "boxes_per_image": args.boxes_per_image,
         "score_threshold": args.score_threshold, "tokenizer": tokenizer_note,
         "activation_checkpointing": {
@@ -487,7 +478,7 @@ def main(argv=None) -> int:
     rows = [(k, v["value"], v["unit"]) for k, v in result["measurements"].items()]
     print_table(rows, "Measured")
     print_table([(k, v["value"], v["unit"]) for k, v in result["reference"].items()],
-                "Official FIBER-B reference (issue 10; H100, batch 2, 800x1333)")
+                "Official FIBER-B reference (official code; H100, batch 2, 800x1333)")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         with open(args.output, "w", encoding="utf-8") as f:

@@ -3,7 +3,7 @@
 Usage: python tools/build_detectron2_wheel.py OUT_DIR
 
 detectron2 is not on PyPI under its own name. ``pb1-detectron2==0.6`` is an sdist whose Python
-files are byte-identical to upstream v0.6 (see ../shared/docs/install.md). This script
+files are byte-identical to upstream v0.6 (compared file by file when this was set up). This script
 1. downloads that sdist from the PyPI simple index and checks its sha256,
 2. edits its setup.py in a scratch folder: name "detectron2", no extension modules, the shipped
    model-zoo configs as package data, and without the requirements only caffe2 export or the

@@ -29,19 +29,22 @@ from fiber_det.checkpoint.convert import (  # noqa: E402
 from fiber_det.checkpoint.official_config import translate_official_config  # noqa: E402
 from fiber_det.checkpoint.rename_table import V3_MARKER  # noqa: E402
 from fiber_det.utils.paths import REPO_ROOT  # noqa: E402
+from fiber_det.utils.safe_load import CorruptCheckpointError, UnsafeCheckpointError, load_checkpoint_file  # noqa: E402
 
 
-def load_checkpoint(path: str, allow_pickle: bool):
+def load_checkpoint(path: str):
+    """The checkpoint, loaded without running code from it; a one-line diagnosis on failure."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # an official file with pickled Python objects beyond tensors/dicts
-        if not allow_pickle:
-            raise SystemExit(
-                f"{path}: cannot be read with weights_only=True ({type(e).__name__}: {e}).\n"
-                "If you trust the file, re-run with --allow-pickle."
-            )
-        print(f"[convert] WARNING: {path} needs full unpickling (weights_only=False)")
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return load_checkpoint_file(path)
+    except (FileNotFoundError, UnsafeCheckpointError, CorruptCheckpointError) as e:
+        raise SystemExit(f"[convert] ERROR: {e}") from None
+
+
+def already_converted(state_dict, expected) -> bool:
+    """True for a checkpoint with fiber-det's own names (most tensors are model keys, none official)."""
+    if any(k.startswith("fusion_backbone.") for k in state_dict):
+        return False
+    return len(set(state_dict) & set(expected)) > 0.5 * len(state_dict)
 
 
 def build_cfg(args, checkpoint):
@@ -81,14 +84,17 @@ def main(argv=None) -> int:
                    help="target model without --official-config (auto: from the keys; v2 for --coarse)")
     p.add_argument("--tokenizer", default="", help="local tokenizer folder written into the config")
     p.add_argument("--text-config", default="", help="HF config.json of a text model other than roberta-base")
-    p.add_argument("--allow-pickle", action="store_true", help="allow weights_only=False for trusted files")
     args = p.parse_args(argv)
 
-    checkpoint = load_checkpoint(args.input, args.allow_pickle)
+    checkpoint = load_checkpoint(args.input)
     try:
         cfg = build_cfg(args, checkpoint)
         model = build_model(cfg)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if isinstance(checkpoint, dict) and already_converted(unwrap_checkpoint(checkpoint, args.use_ema)[0], expected):
+            print(f"[convert] ERROR: {args.input} is already in fiber-det format (its tensors carry the model's own "
+                  "names): load it with MODEL.WEIGHTS directly, there is nothing to convert", file=sys.stderr)
+            return 1
         if args.coarse:
             sd, report = convert_coarse_state_dict(checkpoint, expected)
         else:

@@ -24,14 +24,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import fiber_det  # noqa: E402,F401
-from detectron2.data import detection_utils  # noqa: E402
 from detectron2.utils.colormap import colormap  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
+from fiber_det.data.image_io import read_image  # noqa: E402
 from fiber_det.data.phrases import tagger_available  # noqa: E402
 from fiber_det.predictor import FIBERPredictor  # noqa: E402
 
@@ -53,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score to draw and save")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward")
     p.add_argument("--amp", choices=["none", "fp16", "bf16"], default="none", help="autocast dtype")
-    p.add_argument("--cpu", action="store_true", help="run on the CPU")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU (default: CUDA when available)")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     args = p.parse_args(argv)
     if args.phrases and args.caption is None:
@@ -113,7 +112,7 @@ def phrase_color(phrase: str):
 
 def save_outputs(result, detections, stem: str, out_dir: Path, threshold: float, prompt) -> None:
     """Writes ``stem.png`` (boxes and phrase labels on the image) and ``stem.json``."""
-    image = detection_utils.read_image(result.name, format="RGB")
+    image = read_image(result.name, "RGB")
     vis = Visualizer(image, metadata=None, scale=1.0)
     if detections:
         vis.overlay_instances(
@@ -139,12 +138,8 @@ def main(argv=None) -> int:
     if isinstance(prompt, dict) and "phrases" not in prompt:
         how = "noun phrases of the TextBlob tagger" if tagger_available() else "the caption and its ,/and parts"
         logger.info("no --phrases: grounding %s", how)
-    device = "cpu" if args.cpu else None
-    if not args.cpu and not torch.cuda.is_available():
-        logger.warning("CUDA is not available: running on the CPU")
-        device = "cpu"
     predictor = FIBERPredictor.from_checkpoint(
-        args.config_file, args.weights, args.opts, device=device,
+        args.config_file, args.weights, args.opts, device="cpu" if args.cpu else None,
         amp_dtype=None if args.amp == "none" else args.amp, batch_size=args.batch_size,
     )
     files, failures = expand_inputs(args.input)

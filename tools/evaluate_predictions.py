@@ -37,7 +37,9 @@ File formats (--predictions), as written to the evaluator's output folder:
           optional "itm" (NaN where unscored) and "itm_topk" (0 = exhaustive ITM). No --gt: the
           positives are in the file.
 For flickr and refexp the entries of the predictions file are scored (an entry without boxes is a
-miss); json entries absent from the file are reported and left out, ids absent from the json fail.
+miss); json entries absent from the file are reported and left out. An image or category id that
+the ground truth lacks, a malformed file or a missing key is an error: one line naming the file and
+the id or key, exit code 1.
 """
 import argparse
 import json
@@ -90,6 +92,33 @@ def _load_json(path: str, what: str):
             raise ValueError(f"{path}: not valid json ({e})") from e
 
 
+def _load_gt(gt: str, task: str) -> dict:
+    """The ground-truth json, checked to hold the lists the task reads."""
+    data = _load_json(gt, "ground-truth json")
+    required = ("images", "annotations", "categories") if task in ("coco", "lvis") else ("images",)
+    if not isinstance(data, dict):
+        raise ValueError(f"{gt}: expected a COCO-style json object with {list(required)}, got a {type(data).__name__}")
+    for key in required:
+        if not isinstance(data.get(key), list):
+            raise ValueError(f"{gt}: no '{key}' list; a {task} ground truth is a COCO-style json with {list(required)}")
+    for key in required:
+        for k, entry in enumerate(data[key]):
+            if key != "annotations" and not (isinstance(entry, dict) and "id" in entry):
+                raise ValueError(f"{gt}: {key}[{k}] has no 'id'")
+    return data
+
+
+def _check_result_ids(results: List[dict], gt_data: dict, path: str, gt: str) -> None:
+    """Every result's image_id and category_id exist in the ground truth."""
+    for key, section in (("image_id", "images"), ("category_id", "categories")):
+        known = {entry["id"] for entry in gt_data[section]}
+        unknown = sorted({r[key] for r in results} - known, key=str)
+        if unknown:
+            count = sum(r[key] in set(unknown) for r in results)
+            raise ValueError(f"{path}: {count} result(s) name a {key} that {gt} lacks in '{section}', "
+                             f"e.g. {unknown[:5]}")
+
+
 def _json_dataset(task: str, gt: str) -> str:
     """A MetadataCatalog entry naming the bare json, so the evaluator classes can be built."""
     name = f"__evaluate_predictions_{task}__{os.path.abspath(gt)}"
@@ -101,22 +130,30 @@ def _json_dataset(task: str, gt: str) -> str:
 
 def _result_list(predictions, path: str) -> List[dict]:
     keys = {"image_id", "category_id", "bbox", "score"}
-    if not isinstance(predictions, list) or not all(isinstance(p, dict) and keys <= set(p) for p in predictions):
-        raise ValueError(f"{path}: expected a list of {{{', '.join(sorted(keys))}}} results")
+    if not isinstance(predictions, list):
+        raise ValueError(f"{path}: expected a list of {{{', '.join(sorted(keys))}}} results, got a "
+                         f"{type(predictions).__name__}")
+    for k, p in enumerate(predictions):
+        if not isinstance(p, dict) or not keys <= set(p):
+            missing = sorted(keys - set(p)) if isinstance(p, dict) else sorted(keys)
+            raise ValueError(f"{path}: result {k} lacks {missing}")
+        if not (isinstance(p["bbox"], list) and len(p["bbox"]) == 4):
+            raise ValueError(f"{path}: result {k} has bbox {p['bbox']!r}; expected [x, y, w, h]")
     return predictions
 
 
 def _grounding_dump(data, path: str, task: str) -> List[dict]:
     if not isinstance(data, dict) or data.get("task") != task or not isinstance(data.get("predictions"), list):
         raise ValueError(f"{path}: expected {{\"task\": \"{task}\", \"predictions\": [...]}} (a {task} evaluator dump)")
+    for k, p in enumerate(data["predictions"]):
+        if not isinstance(p, dict) or "image_id" not in p:
+            raise ValueError(f"{path}: predictions[{k}] has no 'image_id'")
     return data["predictions"]
 
 
 def _mdetr_entries(gt: str, predictions: List[dict]) -> List[dict]:
     """The json images (with their annotations attached) that have an entry in ``predictions``."""
-    data = _load_json(gt, "ground-truth json")
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise ValueError(f"{gt}: expected a COCO-style json with an 'images' list")
+    data = _load_gt(gt, "grounding")
     annotations: Dict[object, list] = {img["id"]: [] for img in data["images"]}
     for ann in data.get("annotations", []):
         if ann.get("image_id") not in annotations:
@@ -141,12 +178,14 @@ def rescore(args: argparse.Namespace) -> "OrderedDict[str, Dict[str, float]]":
             raise FileNotFoundError(f"predictions file not found: {args.predictions}")
         return load_retrieval_scores(args.predictions)
     data = _load_json(args.predictions, "predictions file")
-    if args.task == "coco":
-        evaluator = PromptedCOCOEvaluator(_json_dataset("coco", args.gt), distributed=False)
-        return OrderedDict(bbox=evaluator.score_results(_result_list(data, args.predictions)))
-    if args.task == "lvis":
-        evaluator = LVISFixedAPEvaluator(_json_dataset("lvis", args.gt), topk=args.lvis_topk, distributed=False)
-        return OrderedDict(bbox=evaluator.score_results(_result_list(data, args.predictions)))
+    if args.task in ("coco", "lvis"):
+        results = _result_list(data, args.predictions)
+        _check_result_ids(results, _load_gt(args.gt, args.task), args.predictions, args.gt)
+        if args.task == "coco":
+            evaluator = PromptedCOCOEvaluator(_json_dataset("coco", args.gt), distributed=False)
+        else:
+            evaluator = LVISFixedAPEvaluator(_json_dataset("lvis", args.gt), topk=args.lvis_topk, distributed=False)
+        return OrderedDict(bbox=evaluator.score_results(results))
     predictions = _grounding_dump(data, args.predictions, args.task)
     by_id = {p["image_id"]: p for p in predictions}
     entries = _mdetr_entries(args.gt, predictions)
@@ -170,5 +209,15 @@ def main(argv: Optional[Sequence[str]] = None) -> "OrderedDict[str, Dict[str, fl
     return results
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """:func:`main` for the command line: a bad input is one line on stderr and exit code 1."""
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"evaluate_predictions: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli(sys.argv[1:]))

@@ -1,22 +1,54 @@
-"""Detectron2 checkpointer for fiber-det models: strict, and reads official FIBER files directly.
+"""Detectron2 checkpointer for fiber-det models: safe, strict, atomic, and reads official FIBER files.
 
-Detectron2's DetectionCheckpointer only logs missing, unexpected or mis-shaped keys (and
-silently skips the mis-shaped ones). :class:`FiberCheckpointer` turns each into an error that
-lists them, and converts an official (maskrcnn_benchmark) FIBER checkpoint on the fly with the
-same rename table and checks as tools/convert_fiber_checkpoint.py.
+Detectron2's DetectionCheckpointer unpickles ``.pkl`` files with full pickle (a crafted file runs
+code), only logs missing, unexpected or mis-shaped keys (and silently skips the mis-shaped ones)
+and writes checkpoints in place (a kill or a full disk leaves a truncated file). :class:`FiberCheckpointer`
+reads every file with :func:`fiber_det.utils.safe_load.load_checkpoint_file` (tensors, numpy
+arrays and containers only), turns each key problem into an error that lists them, writes to a
+temporary file renamed into place before ``last_checkpoint`` changes, and converts an official
+(maskrcnn_benchmark) FIBER checkpoint on the fly with the same rename table and checks as
+tools/convert_fiber_checkpoint.py.
 """
 import logging
-from typing import Iterable
+import os
+from typing import Callable, Iterable, IO
 
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
+from ..utils.safe_load import PICKLE_EXTENSIONS, load_checkpoint_file
 from .convert import ConversionError, convert_official_state_dict, list_problems, unwrap_checkpoint
 
-__all__ = ["FiberCheckpointer", "CheckpointMismatchError", "is_official_checkpoint"]
+__all__ = ["FiberCheckpointer", "CheckpointMismatchError", "is_official_checkpoint", "atomic_write"]
 
 logger = logging.getLogger(__name__)
+
+
+def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """Calls ``write(f)`` on a temporary file beside ``path``, flushes it to disk and renames it to
+    ``path``: readers see the old file or the complete new one, never a part (a kill or a full
+    disk while writing leaves ``path`` as it was). The temporary file is removed on errors."""
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # the rename itself reaches the disk with the folder's entry
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 class CheckpointMismatchError(ValueError):
@@ -50,10 +82,37 @@ class FiberCheckpointer(DetectionCheckpointer):
         self.allow_missing = tuple(allow_missing)
         self.use_ema = use_ema
 
+    def save(self, name: str, **kwargs) -> None:
+        """fvcore's save, written atomically (:func:`atomic_write`), ``last_checkpoint`` after it.
+
+        The state dicts are taken on every process (a FiberTrainer gathers each process's data
+        position and RNG states then), so with several processes every one must call ``save``;
+        only the main one writes.
+        """
+        if not self.save_dir:
+            return
+        data = {"model": self.model.state_dict()}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        data.update(kwargs)
+        if not self.save_to_disk:
+            return
+        basename = f"{name}.pth"
+        path = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", path)
+        atomic_write(path, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename.encode()))
+
     def _load_file(self, filename):
-        if not filename.endswith((".pth", ".pt")):
+        if filename.endswith(".pyth"):  # pycls: Detectron2 reads it with torch.load (weights_only by default)
             return super()._load_file(filename)
-        data = torch.load(filename, map_location="cpu", weights_only=True)
+        data = load_checkpoint_file(filename)
+        if filename.endswith(PICKLE_EXTENSIONS):
+            return _detectron2_pickle_layout(data, filename)
+        if not isinstance(data, dict):
+            raise CheckpointMismatchError(f"{filename}: a checkpoint holds a dict, this file holds a {type(data).__name__}")
         if is_official_checkpoint(data):
             model = self.model.module if hasattr(self.model, "module") else self.model
             expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -81,3 +140,17 @@ class FiberCheckpointer(DetectionCheckpointer):
         if report:
             raise CheckpointMismatchError("checkpoint does not fit the model:\n" + report)
         return incompatible
+
+
+def _detectron2_pickle_layout(data, filename: str) -> dict:
+    """The checkpoint dict Detectron2 0.6 makes of a safely unpickled ``.pkl`` (its own reader uses
+    full pickle): model-zoo files ({"model", "__author__", ...}) as they are; Caffe2 / Detectron1
+    files are a (possibly "blobs"-nested) dict of arrays, loaded with name matching."""
+    if not isinstance(data, dict):
+        raise CheckpointMismatchError(f"{filename}: a .pkl checkpoint holds a dict, this file holds a {type(data).__name__}")
+    if "model" in data and "__author__" in data:
+        logger.info("Reading a file from '%s'", data["__author__"])
+        return data
+    data = data.get("blobs", data)
+    return {"model": {k: v for k, v in data.items() if not k.endswith("_momentum")}, "__author__": "Caffe2",
+            "matching_heuristics": True}

@@ -15,6 +15,8 @@ import torch
 
 from detectron2.modeling import build_model
 
+from ..data.prompt import PromptBuilder, collate_prompts
+from ..data.tokenization import build_tokenizer
 from ..modeling.postprocess import postprocess_image, rescale_boxes
 from .convert import anchor_spec_from_cfg, convert_official_state_dict
 from .official_config import translate_official_config
@@ -135,10 +137,21 @@ def build_fixture_model(fixture: dict, tokenizer_dir: Optional[str] = None):
 
 def capture_intermediates(model):
     """Forward hooks recording text embeddings ("emb"), text layer outputs ("text_layers"), the
-    Swin stage outputs ("stages") and C2 ("c2": stage-0 tokens, H, W). Returns (store, hooks)."""
+    Swin stage outputs ("stages"), C2 ("c2": stage-0 tokens, H, W), the FPN levels P3-P7
+    ("features"), the language dict ("language"), the DyHead tower outputs ("tower") and the
+    projected tokens ("proj_tokens"). Returns (store, hooks)."""
     store: Dict[str, object] = {"text_layers": {}}
+
+    def backbone_out(module, inputs, output):
+        features, language = output
+        store["features"], store["language"] = [features[k] for k in model.in_features], language
+
+    hooks = [model.backbone.register_forward_hook(backbone_out),
+             model.head.dyhead_tower.register_forward_hook(lambda m, i, o: store.__setitem__("tower", o)),
+             model.head.dot_product_projection_text.register_forward_hook(
+                 lambda m, i, o: store.__setitem__("proj_tokens", o))]
     bottom_up = model.backbone.bottom_up
-    hooks = [bottom_up.text.embeddings.register_forward_hook(lambda m, i, o: store.__setitem__("emb", o))]
+    hooks.append(bottom_up.text.embeddings.register_forward_hook(lambda m, i, o: store.__setitem__("emb", o)))
     for k, layer in enumerate(bottom_up.text.encoder.layer):
         hooks.append(layer.register_forward_hook(lambda m, i, o, k=k: store["text_layers"].__setitem__(k, o)))
     hooks.append(bottom_up.register_forward_hook(lambda m, i, o: store.__setitem__("stages", o[0])))
@@ -181,7 +194,7 @@ def eval_comparisons(fixture, model) -> List[Comparison]:
     finally:
         for h in hooks:
             h.remove()
-    lang = outputs["language"]
+    lang = store["language"]
     c = lambda key, a, e, note="": res.append(_compare(fixture, key, a, e, note))  # noqa: E731
     c("outputs_eval/language/text_embeddings", store["emb"][:, :L], oe["language"]["text_embeddings"])
     for k, ref in enumerate(oe["language"]["text_layers"]):
@@ -199,14 +212,14 @@ def eval_comparisons(fixture, model) -> List[Comparison]:
     c("outputs_eval/backbone_features/C2_sum", c2.double().sum(), torch.tensor(bf["C2_sum"], dtype=torch.float64))
     c("outputs_eval/backbone_features/C2_abs_sum", c2.double().abs().sum(),
       torch.tensor(bf["C2_abs_sum"], dtype=torch.float64))
-    for lvl in range(len(outputs["features"])):
-        c(f"outputs_eval/fpn_features[{lvl}]", outputs["features"][lvl], oe["fpn_features"][lvl])
-        c(f"outputs_eval/dyhead_tower_features[{lvl}]", outputs["tower"][lvl], oe["dyhead_tower_features"][lvl])
+    for lvl in range(len(store["features"])):
+        c(f"outputs_eval/fpn_features[{lvl}]", store["features"][lvl], oe["fpn_features"][lvl])
+        c(f"outputs_eval/dyhead_tower_features[{lvl}]", store["tower"][lvl], oe["dyhead_tower_features"][lvl])
         c(f"outputs_eval/head/bbox_reg[{lvl}]", outputs["box_deltas"][lvl], oe["head"]["bbox_reg"][lvl])
         c(f"outputs_eval/head/centerness[{lvl}]", outputs["centerness"][lvl], oe["head"]["centerness"][lvl])
         c(f"outputs_eval/head/dot_product_logits[{lvl}]", outputs["token_logits"][lvl][:, :, :L],
           oe["head"]["dot_product_logits"][lvl])
-    c("outputs_eval/head/dot_product_proj_tokens", outputs["proj_tokens"][:, :L], oe["head"]["dot_product_proj_tokens"])
+    c("outputs_eval/head/dot_product_proj_tokens", store["proj_tokens"][:, :L], oe["head"]["dot_product_proj_tokens"])
     res.append(Comparison("outputs_eval/head/cls_logits_first8_channels", 0.0, 0.0, 0.0, 0.0, True,
                           "the vestigial frozen cls_logits conv is not built by fiber-det", skipped=True))
     for i in range(len(inp["image_sizes_hw"])):
@@ -287,10 +300,11 @@ def check_fixture(fixture: dict, tokenizer_dir: Optional[str] = None) -> List[Co
         if tokenizer_dir is None:
             tokenizer_dir = write_fixture_tokenizer(fixture, tmp)
         model, _ = build_fixture_model(fixture, tokenizer_dir)
-        res = []
-        tok = model.tokenize([{"caption": c} for c in fixture["inputs"]["captions"]])
-        res.append(_compare(fixture, "inputs/input_ids", tok["input_ids"], fixture["inputs"]["input_ids"]))
-        res.append(_compare(fixture, "inputs/attention_mask", tok["attention_mask"], fixture["inputs"]["attention_mask"]))
+        builder = PromptBuilder(build_tokenizer(tokenizer_dir), max_length=model.max_query_len)
+        prompts = [builder.build(c) for c in fixture["inputs"]["captions"]]
+        input_ids, attention_mask = collate_prompts(prompts, model.pad_token_id, model.max_query_len, model.pad_to_max)
+        res = [_compare(fixture, "inputs/input_ids", input_ids, fixture["inputs"]["input_ids"]),
+               _compare(fixture, "inputs/attention_mask", attention_mask, fixture["inputs"]["attention_mask"])]
     res += eval_comparisons(fixture, model)
     res += train_comparisons(fixture, model)
     return res

@@ -19,6 +19,7 @@ import torch
 from ..modeling.backbone.swin import SwinTransformer, relative_position_index
 from ..modeling.backbone.text import TextEncoder, TextEncoderConfig
 from ..utils.paths import resolve_path
+from ..utils.safe_load import load_checkpoint_file
 from .convert import list_problems
 
 __all__ = ["load_hf_text_weights", "load_swin_imagenet_weights", "PretrainedLoadError"]
@@ -63,7 +64,7 @@ def _read_weights(folder: str) -> Dict[str, torch.Tensor]:
         return load_file(st)
     pt = os.path.join(folder, "pytorch_model.bin")
     if os.path.isfile(pt):
-        return torch.load(pt, map_location="cpu", weights_only=True)
+        return load_checkpoint_file(pt)
     raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin")
 
 
@@ -95,7 +96,7 @@ def load_swin_imagenet_weights(swin: SwinTransformer, path: str) -> Dict[str, Li
 
     Returns {"loaded": keys, "fresh": keys left at their initialisation}."""
     path = resolve_path(path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint_file(path)
     raw = ckpt.get("model", ckpt.get("state_dict", ckpt))
     bad_index = []
     sd = {}

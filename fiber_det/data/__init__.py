@@ -1,23 +1,15 @@
-"""Data side of fiber_det: tokenization, positive maps and prompts (spec §7)."""
-from .prompts import build_detection_prompt, build_label_to_tokens, clean_name
-from .tokenization import (
-    build_tokenizer,
-    create_positive_map,
-    label_tokens_to_positive_map,
-    positive_map_from_caption,
-    positive_map_to_label_tokens,
-    tokenize_captions,
-)
+"""Data side of fiber_det: tokenizers, captions, the Prompt type, mappers and loaders."""
+from .captions import category_caption, clean_name
+from .prompt import Prompt, PromptBuilder, collate_prompts
+from .tokenization import build_tokenizer, create_positive_map
 from . import datasets  # noqa: F401,E402  (registers the built-in datasets)
 
 __all__ = [
-    "build_detection_prompt",
-    "build_label_to_tokens",
+    "Prompt",
+    "PromptBuilder",
     "build_tokenizer",
+    "category_caption",
     "clean_name",
+    "collate_prompts",
     "create_positive_map",
-    "label_tokens_to_positive_map",
-    "positive_map_from_caption",
-    "positive_map_to_label_tokens",
-    "tokenize_captions",
 ]

@@ -1,7 +1,8 @@
-"""Training and test data loaders: dataset mixing with copy factors on top of detectron2's loaders.
+"""Training and test data loaders: dataset mixing with copy factors, then the loaders.
 
-Sampling, aspect-ratio grouping (h/w < 1 vs >= 1, as the official two groups), distributed
-sharding and list batching are detectron2's (spec §7.1, §7.5); images are zero-padded to a
+Training: :class:`~.resumable_loader.ResumableTrainLoader` (Detectron2's uniform shuffled
+stream, sharding and aspect-ratio grouping (w > h or not, as the official two groups), with its
+position saved in checkpoints). Test: Detectron2's inference loader. Images are zero-padded to a
 multiple of 32 by the model, not here.
 """
 import logging
@@ -9,14 +10,17 @@ from typing import Callable, List, Optional
 
 import torch.utils.data as torchdata
 
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.data.build import filter_images_with_only_crowd_annotations, trivial_batch_collator
 from detectron2.data.common import DatasetFromList, MapDataset
 from detectron2.data.samplers import InferenceSampler
+from detectron2.utils import comm
 
+from .box_report import report_boxes_outside_images
 from .caption_mapper import ImageCaptionMapper
 from .datasets.caption_pairs import retrieval_items
 from .mapper import GroundingDatasetMapper
+from .resumable_loader import ResumableTrainLoader
 
 __all__ = ["get_train_dataset_dicts", "build_train_loader", "build_test_loader", "build_retrieval_test_loader"]
 
@@ -43,12 +47,11 @@ def _copy_factors(cfg) -> List[int]:
 def get_train_dataset_dicts(cfg) -> List[dict]:
     """Concatenates the DATASETS.TRAIN datasets, dataset k repeated COPY_FACTORS[k] times.
 
-    Sampling is then uniform over the concatenation (spec §7.5: ``ConcatDataset`` with copy
-    factors). With DATALOADER.FILTER_EMPTY_ANNOTATIONS (detectron2's key, default True), images of
+    Sampling is then uniform over the concatenation (the official pre-training mixture is a
+    ``ConcatDataset`` with copy factors, so datasets are drawn in proportion to their sizes). With DATALOADER.FILTER_EMPTY_ANNOTATIONS (detectron2's key, default True), images of
     *detection* datasets without any non-crowd box are removed, as maskrcnn_benchmark's COCO-style
-    training loader does (``remove_images_without_annotations=is_train``; the spec does not cover
-    this filter). Grounding images are kept whatever they hold; empty ones are left to the
-    trainer's batch skipping (spec §5.5).
+    training loader does (``remove_images_without_annotations=is_train``). Grounding images are kept whatever they hold; empty ones are left to the
+    trainer's batch skipping (SOLVER.MAX_NEG_PER_BATCH).
 
     Returns:
         The list of dataset dicts (repeats are the same dict objects; the mapper copies).
@@ -65,6 +68,7 @@ def get_train_dataset_dicts(cfg) -> List[dict]:
         if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS and all(d.get("task") == "detection" for d in entries):
             entries = filter_images_with_only_crowd_annotations(entries)
         logger.info("training set '%s': %d images x %d", name, len(entries), factor)
+        report_boxes_outside_images(name, entries)
         dicts.extend(list(entries) * factor)
     return dicts
 
@@ -79,18 +83,29 @@ def _default_train_mapper(cfg, dicts: List[dict]) -> Callable:
     return ImageCaptionMapper(cfg, True) if captions else GroundingDatasetMapper(cfg, True)
 
 
-def build_train_loader(cfg, mapper: Optional[Callable] = None):
-    """detectron2's training loader over :func:`get_train_dataset_dicts` (infinite, batched lists).
+def build_train_loader(cfg, mapper: Optional[Callable] = None) -> ResumableTrainLoader:
+    """Resumable training batches over :func:`get_train_dataset_dicts` (infinite lists, per process
+    SOLVER.IMS_PER_BATCH / processes; stream seed SEED, a shared random one if SEED < 0).
 
     Args:
-        cfg: the config (SOLVER.IMS_PER_BATCH, DATALOADER.* are detectron2's keys).
+        cfg: the config (SOLVER.IMS_PER_BATCH, DATALOADER.* are detectron2's keys; only its
+            uniform "TrainingSampler" stream exists here).
         mapper: defaults to ``ImageCaptionMapper(cfg, is_train=True)`` for image-caption
             datasets, else ``GroundingDatasetMapper(cfg, is_train=True)``.
     """
+    if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+        raise ValueError(f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN!r}: fiber-det's resumable loader "
+                         "samples uniformly ('TrainingSampler'); dataset weights are DATASETS.COPY_FACTORS")
+    world, total = comm.get_world_size(), cfg.SOLVER.IMS_PER_BATCH
+    if total % world:
+        raise ValueError(f"SOLVER.IMS_PER_BATCH {total} is not divisible by the {world} processes")
     dicts = get_train_dataset_dicts(cfg)
     if mapper is None:
         mapper = _default_train_mapper(cfg, dicts)
-    return build_detection_train_loader(cfg, mapper=mapper, dataset=dicts)
+    return ResumableTrainLoader(
+        dicts, mapper, total // world, aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+        num_workers=cfg.DATALOADER.NUM_WORKERS, seed=cfg.SEED if cfg.SEED >= 0 else None,
+    )
 
 
 def build_test_loader(cfg, dataset_name: str, mapper: Optional[Callable] = None):

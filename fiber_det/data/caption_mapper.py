@@ -33,7 +33,8 @@ from detectron2.config import configurable
 
 from .caption_transforms import CAPTION_TRANSFORMS, build_caption_transform
 from .datasets.caption_pairs import read_arrow_image
-from .mapper import _tokenizer_at, read_image_bgr
+from .image_io import read_image
+from .prompt import _tokenizer_at
 
 __all__ = ["ImageCaptionMapper", "read_caption_image"]
 
@@ -45,7 +46,7 @@ _MODALITIES = (None, "image", "text")
 def read_caption_image(record: dict) -> Image.Image:
     """The RGB PIL image of a caption dataset dict (a file, or bytes of an Arrow row).
 
-    Decoding goes through the project's image reader (:func:`fiber_det.data.mapper.read_image_bgr`),
+    Decoding goes through the project's image reader (:func:`fiber_det.data.image_io.read_image`),
     so every path of the project reads a file the same way.
 
     Raises:
@@ -55,12 +56,12 @@ def read_caption_image(record: dict) -> Image.Image:
     if "arrow_file" in record:
         where = f"{source} (image bytes of {record['arrow_file']}, row {record['arrow_row']})"
         try:
-            bgr = read_image_bgr(io.BytesIO(read_arrow_image(record["arrow_file"], record["arrow_row"])))
+            bgr = read_image(io.BytesIO(read_arrow_image(record["arrow_file"], record["arrow_row"])), name=where)
         except (ValueError, IndexError) as e:
             raise ValueError(f"{where}: cannot decode the image ({e.__cause__ or e})") from e
     elif "file_name" in record:
         try:
-            bgr = read_image_bgr(record["file_name"])
+            bgr = read_image(record["file_name"])
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{source}: {e}") from None
         except ValueError as e:

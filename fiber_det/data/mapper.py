@@ -1,23 +1,24 @@
-"""GroundingDatasetMapper: one dataset dict -> one FIBER model input (spec §7).
+"""GroundingDatasetMapper: one dataset dict -> one FIBER model input.
 
 Reads the image (uint8 BGR), applies the official resize rule and legacy flip
-(:mod:`fiber_det.data.transforms`), converts boxes with the official "-1" (spec §7.4) and builds
-the caption: a detection prompt from the dataset's metadata (``prompt_mode``, spec §7.2 (a)/(b))
-or the grounding sentence verbatim (§7.2 (c)). Training inputs carry ``instances`` with
-``gt_boxes`` and binary ``gt_positive_map`` rows (spec §5.1); test inputs carry the label map of
-the prompt(s). Every other field of the dataset dict is passed through unchanged.
+(:mod:`fiber_det.data.transforms`), converts boxes with the official "-1" (x2 = x + w - 1) and
+makes the image's ``prompts`` (a tuple of :class:`~fiber_det.data.prompt.Prompt`): a category
+caption from the dataset's metadata (``prompt_mode``: all categories or sampled negatives, see
+:mod:`.training_prompts`) or the grounding sentence verbatim. Training inputs carry one prompt and
+``instances`` with ``gt_boxes`` and binary ``gt_positive_map`` rows (the tokens of each box's
+label); test inputs carry one prompt, or several for a vocabulary too long for one caption
+(:meth:`~fiber_det.data.prompt.PromptBuilder.chunks`). Every other field of the dataset dict is
+passed through unchanged.
 
-Images without boxes are kept: the trainer skips batches with too many of them (spec §5.5); the
+Images without boxes are kept: the trainer skips batches with too many of them; the
 detection-only empty-image filter of the official COCO loader lives in :mod:`.build`.
 """
 import copy
-import functools
 import random
 from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
@@ -25,8 +26,8 @@ from detectron2.data import transforms as T
 from detectron2.data.detection_utils import check_image_size
 from detectron2.structures import Boxes, BoxMode, Instances
 
-from ..utils.paths import resolve_path
-from .prompts import build_detection_prompt, chunk_category_prompts
+from .image_io import read_image
+from .prompt import PromptBuilder, box_spans, grounding_phrases
 from .training_prompts import (
     all_categories_prompt,
     grounding_prompt,
@@ -34,46 +35,16 @@ from .training_prompts import (
     negative_count,
     sampled_negatives_prompt,
 )
-from .tokenization import build_tokenizer, check_span, create_positive_map
 from .transforms import build_transforms
 
-__all__ = ["GroundingDatasetMapper", "read_image_bgr", "legacy_xyxy_boxes"]
+__all__ = ["GroundingDatasetMapper", "legacy_xyxy_boxes"]
 
 PROMPT_MODES = ("all_categories", "sampled_negatives")
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-def read_image_bgr(file_name: str) -> np.ndarray:
-    """Decodes an image file into a (H, W, 3) uint8 BGR array.
-
-    Like the official loader (``Image.open(...).convert("RGB")``): grayscale is replicated,
-    palette images are expanded, the alpha channel of RGBA/LA is discarded, EXIF orientation is
-    not applied. 16-bit (and 32-bit integer) images, which ``convert("RGB")`` would saturate at
-    255, keep their high byte instead (value >> 8, values clipped to [0, 65535] first): the same
-    full-range mapping Pillow applies to 16-bit colour PNGs, so a dark 16-bit image stays dark.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the file cannot be decoded (corrupt, truncated, not an image, float pixels).
-    """
-    try:
-        with Image.open(file_name) as image:
-            if image.mode in _SIXTEEN_BIT_MODES:
-                gray = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
-                rgb = np.repeat(gray.astype(np.uint8)[:, :, None], 3, axis=2)
-            elif image.mode == "F":
-                raise ValueError("floating-point pixels have no defined 8-bit range")
-            else:
-                rgb = np.asarray(image.convert("RGB"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file '{file_name}' does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot read image '{file_name}': {e}") from e
-    return np.ascontiguousarray(rgb[:, :, ::-1])
 
 
 def legacy_xyxy_boxes(annotations: Sequence[dict], height: int, width: int) -> np.ndarray:
-    """Annotation boxes -> (N, 4) float32 legacy xyxy in the original frame (spec §7.4).
+    """Annotation boxes -> (N, 4) float32 legacy xyxy in the original frame, as the official
+    loader converts them.
 
     x2 = x + w - 1, y2 = y + h - 1, then x clamped to [0, W - 1] and y to [0, H - 1]. Boxes in
     another absolute mode are first converted to XYWH_ABS with detectron2's ``BoxMode``.
@@ -87,17 +58,13 @@ def legacy_xyxy_boxes(annotations: Sequence[dict], height: int, width: int) -> n
     return boxes
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer_at(path: str):
-    return build_tokenizer(resolve_path(path))
-
-
 def _context(dataset_dict: dict) -> str:
     return f"image '{dataset_dict.get('file_name')}' (image_id {dataset_dict.get('image_id')})"
 
 
 class GroundingDatasetMapper:
-    """Dataset dict (fiber_det contract) -> model input (see the meta-architecture docstring)."""
+    """Dataset dict (fiber_det contract, datasets/README.md) -> model input (see the
+    meta-architecture docstring)."""
 
     @configurable
     def __init__(
@@ -105,9 +72,7 @@ class GroundingDatasetMapper:
         is_train: bool,
         *,
         augmentations: List[T.Augmentation],
-        tokenizer,
-        max_query_len: int = 256,
-        separator: str = ". ",
+        prompt_builder: PromptBuilder,
         shuffle: bool = True,
         max_negatives: int = 85,
         control_prob: Sequence[float] = (0.0, 0.0, 1.0, 0.0),
@@ -116,18 +81,16 @@ class GroundingDatasetMapper:
     ):
         """
         Args:
-            is_train: training (boxes, positive maps, random prompts) or test (label maps).
+            is_train: training (boxes, positive maps, random captions) or test (fixed prompts).
             augmentations: detectron2 augmentations (``build_transforms``).
-            tokenizer: the model's fast tokenizer.
-            max_query_len: MODEL.FIBER.TEXT.MAX_QUERY_LEN (token columns of the positive map).
-            separator, shuffle, max_negatives, control_prob, use_caption_prompt: DATASETS.PROMPT.*.
+            prompt_builder: makes the prompts with the model's tokenizer; its ``max_length``
+                (MODEL.FIBER.TEXT.MAX_QUERY_LEN) is also the token width of the positive maps.
+            shuffle, max_negatives, control_prob, use_caption_prompt: DATASETS.PROMPT.*.
             chunk_size: TEST.CHUNK_SIZE, categories per test prompt (0 = split only when needed).
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
-        self.tokenizer = tokenizer
-        self.max_query_len = int(max_query_len)
-        self.separator = separator
+        self.prompt_builder = prompt_builder
         self.shuffle = bool(shuffle)
         self.max_negatives = int(max_negatives)
         self.control_prob = tuple(float(p) for p in control_prob)
@@ -138,7 +101,7 @@ class GroundingDatasetMapper:
         except ValueError as e:
             raise ValueError(f"DATASETS.PROMPT.CONTROL_PROB: {e}") from e
         self._vocabularies: Dict[str, dict] = {}
-        self._test_prompts: Dict[str, dict] = {}
+        self._test_prompts: Dict[str, tuple] = {}
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
@@ -146,16 +109,11 @@ class GroundingDatasetMapper:
             raise ValueError(
                 f"INPUT.FORMAT must be 'BGR' (the model normalises BGR images), got {cfg.INPUT.FORMAT!r}"
             )
-        text = cfg.MODEL.FIBER.TEXT
-        if not text.TOKENIZER:
-            raise ValueError("MODEL.FIBER.TEXT.TOKENIZER is empty: the mapper needs the model's tokenizer folder")
         p = cfg.DATASETS.PROMPT
         return {
             "is_train": is_train,
             "augmentations": build_transforms(cfg, is_train),
-            "tokenizer": _tokenizer_at(text.TOKENIZER),
-            "max_query_len": text.MAX_QUERY_LEN,
-            "separator": p.SEPARATOR,
+            "prompt_builder": PromptBuilder(cfg),
             "shuffle": p.SHUFFLE,
             "max_negatives": p.MAX_NEGATIVES,
             "control_prob": p.CONTROL_PROB,
@@ -171,7 +129,7 @@ class GroundingDatasetMapper:
                 raise ValueError(f"dataset dict of {_context(record)} has no '{key}' field")
         if record["task"] not in ("detection", "grounding"):
             raise ValueError(f"{_context(record)}: task must be 'detection' or 'grounding', got {record['task']!r}")
-        image = read_image_bgr(record["file_name"])
+        image = read_image(record["file_name"], "BGR")
         check_image_size(record, image)
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
@@ -180,9 +138,9 @@ class GroundingDatasetMapper:
         if self.is_train:
             record.update(self._training_targets(record, transforms, image.shape[:2]))
         elif record["task"] == "detection":
-            record.update(copy.deepcopy(self._detection_test_prompt(record)))
+            record["prompts"] = self._detection_test_prompts(record)
         else:
-            record.update(self._grounding_test_prompt(record))
+            record["prompts"] = (self._grounding_test_prompt(record),)
         return record
 
     # ---- metadata ----
@@ -214,14 +172,15 @@ class GroundingDatasetMapper:
 
     # ---- training ----
     def _training_caption(self, record: dict, annotations: List[dict]):
-        """The caption and the prompt's view of the boxes (TrainingPrompt)."""
+        """The caption and the label of every kept box (TrainingCaption)."""
         if record["task"] == "grounding":
             if "caption" not in record:
                 raise ValueError(f"grounding dataset dict of {_context(record)} has no 'caption'")
-            for i, ann in enumerate(annotations):
-                if "tokens_positive" not in ann:
-                    raise ValueError(f"{_context(record)}: annotation {i} has no 'tokens_positive'")
-            return grounding_prompt(record["caption"], [a["tokens_positive"] for a in annotations])
+            spans = [box_spans(ann) for ann in annotations]
+            for i, box in enumerate(spans):
+                if box is None:
+                    raise ValueError(f"{_context(record)}: annotation {i} has no caption spans ('tokens_positive')")
+            return grounding_prompt(record["caption"], spans)
         vocab = self._vocabulary(record)
         labels = [int(a["category_id"]) + 1 for a in annotations]
         rng = random.Random(np.random.randint(2**31))  # detectron2 seeds np.random per worker
@@ -232,80 +191,60 @@ class GroundingDatasetMapper:
                     "(or DATASETS.PROMPT.USE_CAPTION_PROMPT False)"
                 )
             return all_categories_prompt(
-                vocab["names"], labels, rng, self.shuffle, self.separator, vocab["caption_prompt"]
+                vocab["names"], labels, rng, self.shuffle, self.prompt_builder.separator, vocab["caption_prompt"]
             )
         if vocab["caption_prompt"] is not None:
             raise ValueError(f"dataset '{record['dataset']}': caption_prompt is not supported with sampled_negatives")
+        builder = self.prompt_builder
         if vocab["token_counts"] is None:
-            vocab["token_counts"] = name_token_counts(vocab["names"], self.tokenizer, self.separator)
+            vocab["token_counts"] = name_token_counts(vocab["names"], builder.tokenizer, builder.separator)
         return sampled_negatives_prompt(
-            vocab["names"], labels, self.tokenizer, rng, self.max_query_len, self.max_negatives,
-            self.control_prob, self.separator, vocab["token_counts"],
+            vocab["names"], labels, builder, rng, self.max_negatives, self.control_prob, vocab["token_counts"],
         )
 
     def _training_targets(self, record: dict, transforms, image_hw) -> dict:
         if "annotations" not in record:
             raise ValueError(f"dataset dict of {_context(record)} has no 'annotations' (needed for training)")
         annotations = [a for a in record["annotations"] if not a.get("iscrowd", 0)]
-        prompt = self._training_caption(record, annotations)
-        annotations = [annotations[i] for i in prompt.kept]
+        caption = self._training_caption(record, annotations)
+        builder = self.prompt_builder
+        if record["task"] == "detection" and not builder.fits(caption.caption):
+            raise ValueError(
+                f"dataset '{record['dataset']}': the all-categories caption has {builder.num_tokens(caption.caption)} "
+                f"tokens > MODEL.FIBER.TEXT.MAX_QUERY_LEN {builder.max_length}; use prompt_mode 'sampled_negatives'"
+            )
+        # grounding captions are read up to the cut, as upstream; spans past it mark nothing
+        prompt = builder.build(caption.caption, caption.spans, training=True)
+        annotations = [annotations[i] for i in caption.kept]
         boxes = legacy_xyxy_boxes(annotations, record["height"], record["width"])
         valid = np.flatnonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
         boxes = transforms.apply_box(boxes[valid]) if len(valid) else boxes[:0]
-        spans = [prompt.tokens_positive[i] for i in valid]
-        if record["task"] == "detection":
-            tokenized = self.tokenizer(prompt.caption)
-            if len(tokenized["input_ids"]) > self.max_query_len:
-                raise ValueError(
-                    f"dataset '{record['dataset']}': the all-categories prompt has {len(tokenized['input_ids'])} "
-                    f"tokens > MODEL.FIBER.TEXT.MAX_QUERY_LEN {self.max_query_len}; "
-                    "use prompt_mode 'sampled_negatives'"
-                )
-        else:  # grounding captions are truncated, as upstream
-            tokenized = self.tokenizer(prompt.caption, max_length=self.max_query_len, truncation=True)
-        positive_map = create_positive_map(
-            tokenized, spans, self.max_query_len, normalize=False, caption=prompt.caption
-        )
         instances = Instances(tuple(image_hw))
         instances.gt_boxes = Boxes(torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4))
-        instances.gt_positive_map = positive_map
-        return {"caption": prompt.caption, "instances": instances}
+        instances.gt_positive_map = prompt.positive_map([caption.box_labels[i] for i in valid], builder.max_length)
+        return {"prompts": (prompt,), "instances": instances}
 
     # ---- test ----
-    def _detection_test_prompt(self, record: dict) -> dict:
-        """One prompt with every category, or ``prompts`` chunks (spec §8.2), per dataset (cached)."""
+    def _detection_test_prompts(self, record: dict) -> tuple:
+        """The dataset's category prompts (one, or the chunks of a long vocabulary), made once."""
         name = record.get("dataset")
         if name not in self._test_prompts:
             vocab = self._vocabulary(record)
-            names, caption_prompt = vocab["names"], vocab["caption_prompt"]
-            caption, spans = build_detection_prompt(names, self.separator, caption_prompt)
-            too_many = 0 < self.chunk_size < len(names)
-            too_long = len(self.tokenizer(caption)["input_ids"]) > self.max_query_len
-            if too_many or too_long:
-                chunk = self.chunk_size if too_many else 0
-                prompts = chunk_category_prompts(
-                    names, self.tokenizer, chunk, self.max_query_len, self.separator, caption_prompt
-                )
-                self._test_prompts[name] = {"prompts": prompts}
-            else:
-                self._test_prompts[name] = {"caption": caption, "label_spans": spans, "label_names": dict(names)}
+            self._test_prompts[name] = self.prompt_builder.chunks(vocab["names"], self.chunk_size, vocab["caption_prompt"])
         return self._test_prompts[name]
 
-    def _grounding_test_prompt(self, record: dict) -> dict:
-        """The sentence with label j + 1 = phrase j of ``tokens_positive_eval``."""
-        caption, phrases = record.get("caption"), record.get("tokens_positive_eval")
+    def _grounding_test_prompt(self, record: dict):
+        """The sentence with label j + 1 = phrase j (:func:`~fiber_det.data.prompt.grounding_phrases`)."""
+        caption = record.get("caption")
         if not isinstance(caption, str) or not caption.strip():
             raise ValueError(f"grounding dataset dict of {_context(record)} has no caption")
+        phrases = grounding_phrases(record)
         if not phrases:
-            raise ValueError(f"{_context(record)}: 'tokens_positive_eval' is missing or empty: no phrase to evaluate")
-        label_spans, label_names = {}, {}
+            raise ValueError(f"{_context(record)}: no phrase to evaluate ('tokens_positive_eval' is missing or empty)")
         for j, spans in enumerate(phrases):
-            try:
-                checked = [list(check_span(span, caption)) for span in spans]
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"{_context(record)}: tokens_positive_eval[{j}]: {e}") from e
-            if not checked:
-                raise ValueError(f"{_context(record)}: tokens_positive_eval[{j}] has no span")
-            label_spans[j + 1] = checked
-            label_names[j + 1] = " ".join(caption[s:e] for s, e in checked)
-        return {"caption": caption, "label_spans": label_spans, "label_names": label_names}
+            if not spans:
+                raise ValueError(f"{_context(record)}: phrase {j} ('tokens_positive_eval[{j}]') has no span")
+        try:
+            return self.prompt_builder.build(caption, {j + 1: spans for j, spans in enumerate(phrases)})
+        except ValueError as e:
+            raise ValueError(f"{_context(record)}: {e}") from e

@@ -1,17 +1,16 @@
 """Tokenizer loading from local folders and character spans -> token positive maps.
 
-FIBER tokenises every caption with a fast RoBERTa BPE tokenizer padded to 256 tokens (spec §3.4)
-and links phrases to tokens through character spans resolved with ``char_to_token`` and the
-official off-by-one fallbacks (spec §7.3). The functions here reproduce both, plus the conversions
-between the dense positive map (rows = boxes or phrases, 256 columns = tokens) and the
-``{label: [token indices]}`` dictionaries used at inference (spec §6).
+FIBER links phrases to tokens through character spans resolved with ``char_to_token`` and the
+official off-by-one fallbacks (start, start + 1, start + 2; end - 1, end - 2, end - 3), into a
+positive map (rows = boxes or phrases, columns = token positions). The functions here reproduce
+both; :class:`fiber_det.data.prompt.PromptBuilder` uses them to make a prompt's label -> token map.
 
 Only *fast* tokenizers are accepted wherever character offsets are needed: Python ("slow")
 tokenizers cannot map characters to tokens.
 """
 import json
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from transformers import AutoTokenizer, BatchEncoding, BertTokenizerFast, RobertaTokenizerFast
@@ -20,13 +19,9 @@ __all__ = [
     "POSITIVE_MAP_EPS",
     "build_tokenizer",
     "check_fast_tokenizer",
-    "tokenize_captions",
     "check_span",
     "char_span_to_token_range",
     "create_positive_map",
-    "positive_map_from_caption",
-    "positive_map_to_label_tokens",
-    "label_tokens_to_positive_map",
 ]
 
 # The official dataset map divides each row by (row sum + 1e-6); keeping the epsilon makes our
@@ -113,52 +108,10 @@ def build_tokenizer(path: Union[str, Path]):
     except Exception as e:  # re-raised with the folder named; the original stays chained
         raise ValueError(f"could not load a tokenizer from '{folder}': {e}") from e
     check_fast_tokenizer(tokenizer, source=str(folder))
+    # fiber-det truncates or chunks prompts at MODEL.FIBER.TEXT.MAX_QUERY_LEN itself and says so;
+    # transformers' warning against the tokenizer's own model_max_length would only mislead
+    tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     return tokenizer
-
-
-def tokenize_captions(
-    tokenizer, captions: Sequence[str], max_length: int = 256, pad_to_max_length: bool = True
-) -> Dict[str, torch.Tensor]:
-    """Tokenises a batch of captions the way the FIBER language backbone expects.
-
-    With ``pad_to_max_length`` this is the official call (``padding="max_length",
-    truncation=True``): every row is exactly ``max_length`` long. Otherwise rows are padded to the
-    longest caption, still truncated at ``max_length``.
-
-    Args:
-        tokenizer: a HF tokenizer (fast or not; no offsets are needed here).
-        captions: list of B non-empty captions.
-        max_length: truncation length (and padded length with ``pad_to_max_length``).
-        pad_to_max_length: pad to ``max_length`` instead of to the longest caption.
-
-    Returns:
-        dict with ``input_ids`` and ``attention_mask``, int64 tensors of shape [B, T].
-
-    Raises:
-        TypeError: ``captions`` is a single string instead of a list.
-        ValueError: the list is empty, a caption is empty or whitespace only, or max_length < 1.
-    """
-    if isinstance(captions, str):
-        raise TypeError("captions must be a list of strings; wrap a single caption as [caption]")
-    captions = list(captions)
-    if not captions:
-        raise ValueError("captions is empty: nothing to tokenize")
-    for i, caption in enumerate(captions):
-        if not isinstance(caption, str) or not caption.strip():
-            raise ValueError(f"caption {i} is empty or not a string: {caption!r}")
-    if max_length < 1:
-        raise ValueError(f"max_length must be >= 1, got {max_length}")
-    encoded = tokenizer(
-        captions,
-        max_length=max_length,
-        padding="max_length" if pad_to_max_length else "longest",
-        truncation=True,
-        return_tensors="pt",
-    )
-    return {
-        "input_ids": encoded["input_ids"].to(torch.int64),
-        "attention_mask": encoded["attention_mask"].to(torch.int64),
-    }
 
 
 def _char_to_token(tokenized: BatchEncoding, char_index: int) -> Optional[int]:
@@ -299,81 +252,3 @@ def create_positive_map(
     if normalize:
         positive_map = positive_map / (positive_map.sum(-1)[:, None] + POSITIVE_MAP_EPS)
     return (positive_map, unresolved) if return_unresolved else positive_map
-
-
-def positive_map_from_caption(
-    tokenizer,
-    caption: str,
-    spans_per_row: Sequence[Sequence[Sequence[int]]],
-    max_length: int = 256,
-    normalize: bool = True,
-    return_unresolved: bool = False,
-):
-    """Tokenises ``caption`` (truncated at ``max_length``, unpadded) and calls create_positive_map.
-
-    This is the dataset-side path of spec §7.3: spans whose tokens were truncated away are
-    unresolved (reported with ``return_unresolved``).
-
-    Args:
-        tokenizer: a fast HF tokenizer.
-        caption: the caption text.
-        spans_per_row: one list of ``[start, end)`` char spans per box / phrase.
-        max_length: truncation length and number of columns.
-        normalize: see :func:`create_positive_map`.
-        return_unresolved: see :func:`create_positive_map`.
-
-    Returns:
-        As :func:`create_positive_map`.
-    """
-    check_fast_tokenizer(tokenizer)
-    tokenized = tokenizer(caption, max_length=max_length, truncation=True)
-    return create_positive_map(
-        tokenized,
-        spans_per_row,
-        max_length,
-        normalize,
-        return_unresolved=return_unresolved,
-        caption=caption,
-    )
-
-
-def positive_map_to_label_tokens(positive_map: torch.Tensor, plus: int = 1) -> Dict[int, List[int]]:
-    """Converts a [n_rows, T] positive map into ``{row + plus: [indices of nonzero tokens]}``.
-
-    Official grounding evaluation uses ``plus=1`` (labels are phrase index + 1). Rows that mark no
-    token are kept with an empty list, as upstream.
-
-    Example:
-        >>> pm = torch.tensor([[0.0, 0.5, 0.5, 0.0], [0.0, 0.0, 0.0, 1.0]])
-        >>> positive_map_to_label_tokens(pm)
-        {1: [1, 2], 2: [3]}
-    """
-    if positive_map.dim() != 2:
-        raise ValueError(
-            f"positive_map must be 2-D [n_rows, T], got shape {tuple(positive_map.shape)}"
-        )
-    return {
-        row + plus: torch.nonzero(positive_map[row]).flatten().tolist()
-        for row in range(positive_map.shape[0])
-    }
-
-
-def label_tokens_to_positive_map(
-    label_to_tokens: Mapping[int, Sequence[int]], max_length: int = 256
-) -> torch.Tensor:
-    """Converts ``{label: [token indices]}`` into the binary float32 map, rows in label order.
-
-    Example:
-        >>> label_tokens_to_positive_map({2: [3], 1: [1, 2]}, max_length=4)
-        tensor([[0., 1., 1., 0.],
-                [0., 0., 0., 1.]])
-    """
-    labels = sorted(label_to_tokens)
-    positive_map = torch.zeros((len(labels), max_length), dtype=torch.float32)
-    for row, label in enumerate(labels):
-        tokens = list(label_to_tokens[label])
-        bad = [t for t in tokens if not 0 <= int(t) < max_length]
-        if bad:
-            raise ValueError(f"label {label}: token indices {bad} are outside [0, {max_length})")
-        positive_map[row, tokens] = 1.0
-    return positive_map

@@ -1,22 +1,24 @@
-"""Training captions for detection and grounding samples (spec §7.2).
+"""Training captions for detection and grounding samples, as the official datasets draw them.
 
 (a) :func:`all_categories_prompt`: every category, shuffled per sample (COCO, ODinW);
 (b) :func:`sampled_negatives_prompt`: positives that fit the token budget plus sampled negatives
     (LVIS, Objects365), with :func:`check_for_positive_overflow` and :func:`negative_count`;
 (c) :func:`grounding_prompt`: the caption verbatim (Flickr30k, GoldG, RefCOCO).
-All take an explicit ``rng`` (``random.Random`` or ``np.random.Generator``) so that a sample's
-prompt is reproducible.
+Each returns a :class:`TrainingCaption` (the text, its labelled spans and the label of every kept
+box), which :meth:`fiber_det.data.prompt.PromptBuilder.build` turns into the sample's
+:class:`~fiber_det.data.prompt.Prompt` with ``training=True``. All take an explicit ``rng``
+(``random.Random`` or ``np.random.Generator``) so that a sample's caption is reproducible.
 """
 import random
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .prompts import _labelled_names, build_detection_prompt, clean_name
+from .captions import category_caption, clean_name, labelled_names
 from .tokenization import check_span
 
 __all__ = [
-    "TrainingPrompt",
+    "TrainingCaption",
     "all_categories_prompt",
     "name_token_counts",
     "check_for_positive_overflow",
@@ -25,26 +27,25 @@ __all__ = [
     "grounding_prompt",
 ]
 
-# Training captions (spec §7.2)
-
 Rng = Union[random.Random, np.random.Generator]
 
 
-class TrainingPrompt(NamedTuple):
+class TrainingCaption(NamedTuple):
     """A training caption and the boxes it keeps.
 
     Attributes:
         caption: the text fed to the model.
-        label_spans: ``{label: [[start, end)]}`` of every label named in the caption, in caption
-            order (empty for grounding captions, which have no label vocabulary).
-        tokens_positive: one list of ``[start, end)`` spans per kept box, aligned with ``kept``.
+        spans: ``{label: [[start, end), ...]}`` of every label of the caption, in caption order:
+            the categories it names, or for a grounding caption one label per distinct span list
+            of its boxes (1, 2, ... in order of first appearance).
+        box_labels: the label of every kept box, aligned with ``kept``.
         kept: indices of the input boxes that stay, in input order; the others belong to a
             category that the caption does not name.
     """
 
     caption: str
-    label_spans: Dict[int, List[List[int]]]
-    tokens_positive: List[List[List[int]]]
+    spans: Dict[int, List[List[int]]]
+    box_labels: List[int]
     kept: List[int]
 
 
@@ -77,20 +78,19 @@ def _sample(rng: Rng, items: Sequence, k: int) -> list:
 
 
 def _vocabulary(names, box_labels: Sequence[int]) -> Dict[int, str]:
-    vocabulary = dict(_labelled_names(names, sort_labels=True))
+    vocabulary = dict(labelled_names(names))
     for index, label in enumerate(box_labels):
         if label not in vocabulary:
             raise ValueError(f"box {index}: label {label!r} is not a category of the vocabulary")
     return vocabulary
 
 
-def _prompt_for(order, vocabulary, box_labels, separator, caption_prompt=None) -> TrainingPrompt:
-    caption, label_spans = build_detection_prompt(
+def _caption_for(order, vocabulary, box_labels, separator, caption_prompt=None) -> TrainingCaption:
+    caption, spans = category_caption(
         {label: vocabulary[label] for label in order}, separator, caption_prompt, sort_labels=False
     )
-    kept = [i for i, label in enumerate(box_labels) if label in label_spans]
-    tokens_positive = [[list(span) for span in label_spans[box_labels[i]]] for i in kept]
-    return TrainingPrompt(caption, label_spans, tokens_positive, kept)
+    kept = [i for i, label in enumerate(box_labels) if label in spans]
+    return TrainingCaption(caption, spans, [box_labels[i] for i in kept], kept)
 
 
 def all_categories_prompt(
@@ -100,10 +100,10 @@ def all_categories_prompt(
     shuffle: bool = True,
     separator: str = ". ",
     caption_prompt: Optional[Sequence[Mapping[str, str]]] = None,
-) -> TrainingPrompt:
-    """Spec §7.2 (a): a caption naming every category, in a fresh random order per sample.
+) -> TrainingCaption:
+    """(a) A caption naming every category, in a fresh random order per sample.
 
-    Used for COCO fine-tuning and ODinW. Every box is kept; its spans are its category's name.
+    Used for COCO fine-tuning and ODinW. Every box is kept, labelled with its category.
 
     Args:
         names: ``{label: raw name}`` or a list of raw names (labels 1..N).
@@ -114,7 +114,7 @@ def all_categories_prompt(
         caption_prompt: per-class prefix/name/suffix dicts in label order (needs shuffle=False).
 
     Returns:
-        A :class:`TrainingPrompt` keeping every box.
+        A :class:`TrainingCaption` keeping every box.
 
     Raises:
         ValueError: caption_prompt with shuffle (upstream asserts the same), a box label outside
@@ -122,8 +122,8 @@ def all_categories_prompt(
 
     Example:
         >>> p = all_categories_prompt(["cat", "dog"], [2, 2, 1], None, shuffle=False)
-        >>> p.caption, p.tokens_positive, p.kept
-        ('cat. dog', [[[5, 8]], [[5, 8]], [[0, 3]]], [0, 1, 2])
+        >>> p.caption, p.spans, p.box_labels, p.kept
+        ('cat. dog', {1: [[0, 3]], 2: [[5, 8]]}, [2, 2, 1], [0, 1, 2])
         >>> all_categories_prompt(["cat", "dog", "cow"], [1], random.Random(0)).caption
         'cat. cow. dog'
     """
@@ -137,16 +137,17 @@ def all_categories_prompt(
     if shuffle:
         _check_rng(rng)
         order = _shuffled(rng, order)
-    return _prompt_for(order, vocabulary, box_labels, separator, caption_prompt)
+    return _caption_for(order, vocabulary, box_labels, separator, caption_prompt)
 
 
 def name_token_counts(
     names: Union[Mapping[int, str], Sequence[str]], tokenizer, separator: str = ". "
 ) -> Dict[int, int]:
     """Token count of ``clean_name(name) + separator`` per label (no special tokens), the unit
-    of upstream's 254-token budget (spec §7.2 (b)); precompute it once per vocabulary."""
+    of upstream's 254-token budget for sampled-negatives captions; precompute it once per
+    vocabulary."""
     return {label: len(tokenizer.tokenize(clean_name(name) + separator))
-            for label, name in _labelled_names(names, sort_labels=True)}
+            for label, name in labelled_names(names)}
 
 
 def _counter(vocabulary, tokenizer, separator, token_counts):
@@ -169,7 +170,7 @@ def check_for_positive_overflow(
     separator: str = ". ",
     token_counts: Optional[Mapping[int, int]] = None,
 ) -> Tuple[List[int], int]:
-    """Spec §7.2 (b) step 1: which positive categories fit in the token budget.
+    """Sampled-negatives step 1: which positive categories fit in the token budget.
 
     The distinct box labels are shuffled and walked in that order, adding the token count of
     ``clean_name + separator``; the walk stops at the first label that brings the total over
@@ -201,13 +202,13 @@ def check_for_positive_overflow(
 
 
 def negative_count(control_prob: Sequence[float], full_negative: int, rng: Rng) -> int:
-    """Spec §7.2 (b) step 2: how many negative names to sample.
+    """Sampled-negatives step 2: how many negative names to sample.
 
     ``u`` uniform in [0, 1): u < p0 -> 1; u < p0 + p1 -> 0; u < p0 + p1 + p2 -> ``full_negative``;
     otherwise a uniform count in 1..max(1, full_negative) (the "random count" mode).
     NOTE: the 4th entry is upstream's "drop positives" probability, which its code asserts to be
-    0 (so the Objects365 value 0.2 would raise there, spec Appendix B.1); we raise the same way.
-    Positives are always all kept.
+    0 (so the value 0.2 of the official Objects365 config would raise there); we raise the same
+    way. Positives are always all kept.
 
     Args:
         control_prob: (p_one_negative, p_no_negative, p_full, p_drop_positive).
@@ -229,7 +230,7 @@ def negative_count(control_prob: Sequence[float], full_negative: int, rng: Rng) 
     if probs[3] != 0:
         raise ValueError(
             f"control_prob[3] (drop positives) must be 0, got {probs[3]}: upstream asserts it and always "
-            "keeps every positive (spec §7.2 (b), Appendix B.1)"
+            "keeps every positive"
         )
     u = rng.random()
     if u < probs[0]:
@@ -241,21 +242,18 @@ def negative_count(control_prob: Sequence[float], full_negative: int, rng: Rng) 
     return _randint(rng, 1, max(1, full_negative))
 
 
-def _caption_length(tokenizer, caption: str) -> int:
-    return len(tokenizer(caption)["input_ids"])
-
-
-def _fit(order, positives, vocabulary, box_labels, separator, tokenizer, max_query_len) -> TrainingPrompt:
-    """Guarantees the ``max_query_len`` bound that the per-name counts only estimate: a name's
-    tokens inside the caption can differ from its standalone ones (BPE merges the leading space)."""
+def _fit(order, positives, vocabulary, box_labels, builder) -> TrainingCaption:
+    """Guarantees the ``builder.max_length`` bound that the per-name counts only estimate: a
+    name's tokens inside the caption can differ from its standalone ones (BPE merges the leading
+    space)."""
     order = list(order)
     while True:
-        prompt = _prompt_for(order, vocabulary, box_labels, separator)
-        if _caption_length(tokenizer, prompt.caption) <= max_query_len:
-            return prompt
+        caption = _caption_for(order, vocabulary, box_labels, builder.separator)
+        if builder.fits(caption.caption):
+            return caption
         if len(order) == 1:
             raise ValueError(
-                f"category {vocabulary[order[0]]!r} (label {order[0]}) alone exceeds {max_query_len} tokens"
+                f"category {vocabulary[order[0]]!r} (label {order[0]}) alone exceeds {builder.max_length} tokens"
             )
         # Last negative in caption order first; a positive goes (with its boxes) only after all
         # negatives, which is what the overflow check of step 1 does.
@@ -266,20 +264,18 @@ def _fit(order, positives, vocabulary, box_labels, separator, tokenizer, max_que
 def sampled_negatives_prompt(
     names: Union[Mapping[int, str], Sequence[str]],
     box_labels: Sequence[int],
-    tokenizer,
+    builder,
     rng: Rng,
-    max_query_len: int = 256,
     max_negatives: int = 85,
     control_prob: Sequence[float] = (0.0, 0.0, 1.0, 0.0),
-    separator: str = ". ",
     token_counts: Optional[Mapping[int, int]] = None,
-) -> TrainingPrompt:
-    """Spec §7.2 (b): the image's categories plus sampled negatives, within the token budget.
+) -> TrainingCaption:
+    """(b) The image's categories plus sampled negatives, within the token budget.
 
     Used for LVIS fine-tuning and Objects365 (upstream's
     ``convert_object_detection_to_grounding_optimized_for_od``):
 
-    1. :func:`check_for_positive_overflow` with budget ``max_query_len - 2``;
+    1. :func:`check_for_positive_overflow` with budget ``builder.max_length - 2``;
     2. :func:`negative_count` with full_negative = min(max_negatives, #categories);
     3. that many labels drawn without replacement from ALL categories, the image's own labels
        removed, shuffled, then kept in order while the remaining budget (budget - positive
@@ -289,29 +285,30 @@ def sampled_negatives_prompt(
 
     NOTE: two departures, both for safety: the whole caption is re-measured and trimmed (last
     negative first) if the standalone per-name counts underestimated it, so no caption ever
-    exceeds ``max_query_len`` tokens with special tokens; and where upstream would produce an
-    empty caption (no box, no negative drawn) one negative is named, since the model needs text.
+    exceeds ``builder.max_length`` tokens with special tokens; and where upstream would produce
+    an empty caption (no box, no negative drawn) one negative is named, since the model needs
+    text.
 
     Args:
         names: ``{label: raw name}`` or a list (labels 1..N).
         box_labels: label of every GT box.
-        tokenizer: fast HF tokenizer (the model's).
+        builder: the :class:`~fiber_det.data.prompt.PromptBuilder` of the model (its tokenizer,
+            ``max_length`` = MODEL.FIBER.TEXT.MAX_QUERY_LEN and separator).
         rng: ``random.Random`` or ``np.random.Generator``.
-        max_query_len: MODEL.FIBER.TEXT.MAX_QUERY_LEN (256).
         max_negatives: DATASETS.PROMPT.MAX_NEGATIVES (upstream RANDOM_SAMPLE_NEG, 85).
         control_prob: DATASETS.PROMPT.CONTROL_PROB, see :func:`negative_count`.
-        separator: between names (". ").
         token_counts: optional precomputed :func:`name_token_counts` (speeds up large vocabularies).
 
     Returns:
-        A :class:`TrainingPrompt`.
+        A :class:`TrainingCaption`.
     """
     _check_rng(rng)
     if max_negatives < 0:
         raise ValueError(f"max_negatives must be >= 0, got {max_negatives}")
+    tokenizer, separator = builder.tokenizer, builder.separator
     vocabulary = _vocabulary(names, box_labels)
     count = _counter(vocabulary, tokenizer, separator, token_counts)
-    budget = max_query_len - 2
+    budget = builder.max_length - 2
     positives, used = check_for_positive_overflow(
         vocabulary, box_labels, tokenizer, rng, budget, separator, {k: count(k) for k in set(box_labels)}
     )
@@ -327,31 +324,37 @@ def sampled_negatives_prompt(
     if not positives and not negatives:
         pool = [label for label in vocabulary if label not in present and count(label) < budget]
         if not pool:
-            raise ValueError(f"no category name fits in {max_query_len} tokens beside the image's own")
+            raise ValueError(f"no category name fits in {builder.max_length} tokens beside the image's own")
         negatives = _sample(rng, pool, 1)
     order = _shuffled(rng, positives + negatives)
-    return _fit(order, set(positives), vocabulary, box_labels, separator, tokenizer, max_query_len)
+    return _fit(order, set(positives), vocabulary, box_labels, builder)
 
 
-def grounding_prompt(caption: str, spans_per_box: Sequence[Sequence[Sequence[int]]]) -> TrainingPrompt:
-    """Spec §7.2 (c): a grounding caption, used verbatim (the tokenizer truncates it at 256).
+def grounding_prompt(caption: str, spans_per_box: Sequence[Sequence[Sequence[int]]]) -> TrainingCaption:
+    """(c) A grounding caption, used verbatim (the model reads its first MAX_QUERY_LEN tokens).
 
-    Spans are validated against the caption. A box with no span is kept (its token row stays
-    all zero), as upstream.
+    Spans are validated against the caption. Boxes with the same span list share a label (1, 2,
+    ... in order of first appearance). A box with no span is kept (its token row stays all
+    zero), as upstream.
 
     Example:
-        >>> grounding_prompt("a red cat", [[[0, 9]], [[2, 5], [6, 9]]]).tokens_positive
-        [[[0, 9]], [[2, 5], [6, 9]]]
+        >>> c = grounding_prompt("a red cat", [[[0, 9]], [[2, 5], [6, 9]], [[0, 9]]])
+        >>> c.spans, c.box_labels
+        ({1: [[0, 9]], 2: [[2, 5], [6, 9]]}, [1, 2, 1])
 
     Raises:
         ValueError: empty caption, or a span outside it (the message names the box).
     """
     if not isinstance(caption, str) or not caption.strip():
         raise ValueError(f"grounding caption is empty or not a string: {caption!r}")
-    tokens_positive = []
-    for index, spans in enumerate(spans_per_box):
+    spans: Dict[int, List[List[int]]] = {}
+    box_labels = []
+    for index, box in enumerate(spans_per_box):
         try:
-            tokens_positive.append([list(check_span(span, caption)) for span in spans])
+            checked = [list(check_span(span, caption)) for span in box]
         except (ValueError, TypeError) as e:
-            raise ValueError(f"box {index}: bad tokens_positive {spans!r}: {e}") from e
-    return TrainingPrompt(caption, {}, tokens_positive, list(range(len(tokens_positive))))
+            raise ValueError(f"box {index}: bad caption spans {box!r}: {e}") from e
+        label = next((k for k, v in spans.items() if v == checked), len(spans) + 1)
+        spans.setdefault(label, checked)
+        box_labels.append(label)
+    return TrainingCaption(caption, spans, box_labels, list(range(len(box_labels))))

@@ -1,4 +1,4 @@
-"""The official image transforms (spec §7.1) as Detectron2 augmentations.
+"""The official image transforms (resize rule, legacy flip) as Detectron2 augmentations.
 
 Detectron2's ``ResizeShortestEdge`` rounds the long side and ``HFlipTransform`` maps x -> W - x;
 maskrcnn_benchmark truncates the long side and flips boxes with the legacy "+1" (x -> W - x - 1),
@@ -27,6 +27,8 @@ def legacy_resize_size(height: int, width: int, size: int, max_size: Optional[in
         (800, 1066)
         >>> legacy_resize_size(300, 1000, 800, 1333)
         (400, 1333)
+        >>> legacy_resize_size(2, 10000, 800, 1333)
+        (1, 1333)
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive, got {height}x{width}")
@@ -34,6 +36,10 @@ def legacy_resize_size(height: int, width: int, size: int, max_size: Optional[in
         short, long = float(min(height, width)), float(max(height, width))
         if long / short * size > max_size:
             size = int(round(max_size * short / long))
+            if size < 1:
+                # more elongated than 2 * max_size : 1, the official rule rounds the short side to
+                # 0 px (and fails); it keeps 1 px, the long side max_size (the model pads both)
+                return (1, max_size) if height <= width else (max_size, 1)
     if (width <= height and width == size) or (height <= width and height == size):
         return height, width
     if width < height:

@@ -1,5 +1,5 @@
 """Training pieces Detectron2 lacks: official parameter groups, full-model gradient clipping,
-the FIBER LR / weight-decay schedules and model EMA (spec §9)."""
+the FIBER LR / weight-decay schedules, model EMA, the gloo/NCCL launcher and exact resume."""
 from .ema import EMAHook, ModelEMA, swap_to_ema, unwrap_model
 from .optimizer import AdamWFullModelClip, build_optimizer
 from .param_groups import (

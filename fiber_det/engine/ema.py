@@ -1,4 +1,4 @@
-"""Exponential moving average of a model's weights (official MODEL_EMA, spec §9.3); not in Detectron2 core.
+"""Exponential moving average of a model's weights (the official MODEL_EMA option); not in Detectron2 core.
 
 After every iteration every state-dict entry (parameters and persistent buffers) of a frozen
 copy of the model is updated as ema ← decay·ema + (1 − decay)·model, with the same float

@@ -1,4 +1,4 @@
-"""AdamW over the official parameter groups, with FIBER's full-model gradient clipping (spec §9.1, §9.3).
+"""AdamW over the official parameter groups, with FIBER's full-model gradient clipping (official solver).
 
 SOLVER.CLIP_GRADIENTS.CLIP_TYPE selects the clipping:
 - "full_model" (official pre-training): the global norm of ALL gradients in the optimizer is

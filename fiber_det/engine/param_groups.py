@@ -1,4 +1,4 @@
-"""Optimizer parameter groups with the official FIBER learning-rate / weight-decay rules (spec §9.1).
+"""Optimizer parameter groups with the official FIBER learning-rate / weight-decay rules.
 
 The official solver gives every parameter its own group and decides its lr and weight decay by
 substrings of the parameter's *official* name (``fusion_backbone.backbone.body...``,
@@ -61,7 +61,7 @@ def official_param_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class OfficialLrRules:
-    """The SOLVER values the official lr / weight-decay rules read (spec §9.1), and the rules."""
+    """The SOLVER values the official lr / weight-decay rules read, and the rules."""
 
     base_lr: float  # SOLVER.BASE_LR
     lang_lr: float  # SOLVER.LANG_LR
@@ -72,7 +72,7 @@ class OfficialLrRules:
     backbone_body_lr_factor: float = 1.0  # SOLVER.BACKBONE_BODY_LR_FACTOR
 
     def lr_and_weight_decay(self, official_name: str) -> Tuple[float, float]:
-        """(lr, weight_decay) of one parameter: rules 2-6 applied in order to its official name."""
+        """(lr, weight_decay) of one parameter: the substring rules below, in order, on its official name."""
         lr, wd = self.base_lr, self.weight_decay
         if "language_backbone" in official_name:
             lr = self.lang_lr
@@ -88,7 +88,8 @@ class OfficialLrRules:
 
 def official_lr_and_weight_decay(official_name: str, **rules: float) -> Tuple[float, float]:
     """(lr, weight_decay) of one parameter by the official rules, applied in order to its
-    official name (spec §9.1 rules 2-6).
+    official name: language tower LANG_LR, Swin body x BACKBONE_BODY_LR_FACTOR, "bias" x BIAS_LR_FACTOR
+    with WEIGHT_DECAY_BIAS, "norm" x WEIGHT_DECAY_NORM_FACTOR.
 
     Args:
         official_name: the parameter's official name.

@@ -1,4 +1,4 @@
-"""FIBER's training length, LR schedule and weight-decay schedule (spec §9.2).
+"""FIBER's training length, LR schedule and weight-decay schedule (the official solver's rules).
 
 - Length: SOLVER.MAX_EPOCH > 0 gives MAX_ITER = MAX_EPOCH · N // IMS_PER_BATCH (N = training
   images kept by the loader); otherwise SOLVER.MAX_ITER.
@@ -39,7 +39,7 @@ def resolve_max_iter(cfg, num_train_images: int) -> int:
     """Training iterations: SOLVER.MAX_EPOCH · num_train_images // SOLVER.IMS_PER_BATCH when
     MAX_EPOCH > 0 (official, computed from the loader's image count), else SOLVER.MAX_ITER.
 
-    Example (spec §9.2): 24 epochs of N = 117,266 COCO images at batch 32 -> 87,949.
+    Example (the official COCO fine-tuning): 24 epochs of N = 117,266 images at batch 32 -> 87,949.
     """
     s = cfg.SOLVER
     if s.MAX_EPOCH > 0:

@@ -1,10 +1,12 @@
-"""FIBER's trainer on Detectron2's engine: official optimiser/schedules, AMP, EMA, guards.
+"""FIBER's trainer on Detectron2's engine: official optimiser/schedules, AMP, EMA, guards, exact resume.
 
 :class:`FiberTrainer` is a :class:`~detectron2.engine.DefaultTrainer` whose pieces come from
 fiber_det (parameter groups and full-model clipping, fractional milestones and epochs, the
-weight-decay schedule, EMA, the grounding data loaders and evaluators, the strict checkpointer)
-and whose step (:class:`FiberTrainStep`) adds what Detectron2's SimpleTrainer/AMPTrainer lack:
-autocast on any device in fp16 or bf16, batch skipping (spec §5.5) and a non-finite-loss guard.
+weight-decay schedule, EMA, the resumable grounding data loader, the evaluators, the strict and
+atomic checkpointer) and whose step (:class:`FiberTrainStep`) adds what Detectron2's
+SimpleTrainer/AMPTrainer lack: autocast on any device in fp16 or bf16, skipping of batches
+without boxes, and a guard against non-finite losses and gradients. Checkpoints also hold every
+process's data-loader position and RNG states, so ``--resume`` continues bit-identically.
 """
 import logging
 import os
@@ -25,10 +27,11 @@ from ..checkpoint.checkpointer import FiberCheckpointer
 from ..data.build import build_test_loader, build_train_loader, get_train_dataset_dicts
 from ..evaluation import build_evaluator
 from .ema import EMAHook, ModelEMA, swap_to_ema
+from .resume import gather_process_states, preserved_rng_states, restore_process_states
 from .optimizer import build_optimizer
 from .schedule import build_lr_scheduler, build_weight_decay_schedule_hook, resolve_max_iter, resolve_milestones
 
-__all__ = ["FiberTrainStep", "FiberTrainer", "resolve_schedule", "amp_dtype_from_cfg"]
+__all__ = ["FiberTrainStep", "FiberTrainer", "NonFiniteTrainingError", "resolve_schedule", "amp_dtype_from_cfg"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +46,13 @@ def amp_dtype_from_cfg(cfg) -> Optional[torch.dtype]:
     return dtypes[cfg.SOLVER.AMP.DTYPE]
 
 
-def _all_ranks_agree(flag: bool, device) -> bool:
-    """True if ``flag`` holds on any rank (so that every rank takes the same branch under DDP)."""
+class NonFiniteTrainingError(FloatingPointError):
+    """Training stopped after SOLVER.NONFINITE_PATIENCE consecutive non-finite losses or gradients."""
+
+
+def _any_rank(flag: bool, device) -> bool:
+    """True if ``flag`` holds on at least one process (so that every process takes the same branch
+    under DDP); a collective call."""
     if comm.get_world_size() == 1:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
@@ -53,16 +61,18 @@ def _all_ranks_agree(flag: bool, device) -> bool:
 
 
 class FiberTrainStep(SimpleTrainer):
-    """One training iteration: skip mostly-empty batches, autocast, guard non-finite losses.
+    """One training iteration: skip mostly-empty batches, autocast, guard non-finite values.
 
     Args:
         model, data_loader, optimizer: as SimpleTrainer (clipping lives in the optimizer's step,
             so under fp16 it acts on unscaled gradients: GradScaler.step unscales first).
         amp_dtype: None (fp32), torch.float16 (with a GradScaler) or torch.bfloat16 (no scaler).
         max_neg_per_batch: skip the batch when all its images, or more than this fraction, have no
-            box (spec §5.5). All ranks skip together (the official per-process skip would stall DDP).
-        nonfinite_patience: a non-finite loss skips the update (weights untouched, logged); this
-            many in a row stop training with FloatingPointError.
+            box (as the official trainer's SOLVER.MAX_NEG_PER_BATCH does). All processes skip
+            together (the official per-process skip would stall DDP).
+        nonfinite_patience: a non-finite loss, or a non-finite gradient without a GradScaler (which
+            handles those itself), skips the update (weights untouched, logged with the loss
+            terms); this many in a row stop training with :class:`NonFiniteTrainingError`.
     """
 
     def __init__(self, model, data_loader, optimizer, *, amp_dtype=None, max_neg_per_batch=0.1,
@@ -78,7 +88,7 @@ class FiberTrainStep(SimpleTrainer):
     def _should_skip(self, data) -> bool:
         empty = sum(1 for x in data if "instances" in x and len(x["instances"]) == 0)
         skip = empty == len(data) or empty > self.max_neg_per_batch * len(data)
-        skip = _all_ranks_agree(skip, next(self.model.parameters()).device)
+        skip = _any_rank(skip, next(self.model.parameters()).device)
         if skip:
             logger.warning(f"iteration {self.iter}: skipped a batch with {empty}/{len(data)} images without boxes")
             get_event_storage().put_scalar("skipped_batches", 1.0, smoothing_hint=False)
@@ -95,30 +105,43 @@ class FiberTrainStep(SimpleTrainer):
         with amp:
             loss_dict = self.model(data)
         losses = sum(loss_dict.values())
-        device = losses.device
-        if _all_ranks_agree(not bool(torch.isfinite(losses).item()), device):
-            self.nonfinite_streak += 1
-            values = {k: float(v.detach()) for k, v in loss_dict.items()}
-            logger.warning(f"iteration {self.iter}: non-finite loss {values}; update skipped "
-                           f"({self.nonfinite_streak}/{self.nonfinite_patience} in a row)")
-            get_event_storage().put_scalar("nonfinite_steps", 1.0, smoothing_hint=False)
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.nonfinite_streak >= self.nonfinite_patience:
-                raise FloatingPointError(f"{self.nonfinite_streak} consecutive non-finite losses at "
-                                         f"iteration {self.iter}: {values}")
-            return
-        self.nonfinite_streak = 0
         self.optimizer.zero_grad(set_to_none=True)
+        if _any_rank(not bool(torch.isfinite(losses).item()), losses.device):
+            self._nonfinite("loss", loss_dict)
+            return
         if self.scaler is not None:
             self.scaler.scale(losses).backward()
         else:
             losses.backward()
+            if _any_rank(not self._gradients_finite(), losses.device):
+                self._nonfinite("gradient", loss_dict)
+                return
+        self.nonfinite_streak = 0
         self._write_metrics(loss_dict, data_time)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
+
+    def _gradients_finite(self) -> bool:
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)).item())
+
+    def _nonfinite(self, what: str, loss_dict) -> None:
+        """Skips this update (logged, counted); raises NonFiniteTrainingError after ``nonfinite_patience``."""
+        self.nonfinite_streak += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        terms = ", ".join(f"{k}={float(v.detach()):.6g}" for k, v in loss_dict.items())
+        logger.warning(f"iteration {self.iter}: non-finite {what} (loss terms: {terms}); update skipped "
+                       f"({self.nonfinite_streak}/{self.nonfinite_patience} in a row)")
+        get_event_storage().put_scalar("nonfinite_steps", 1.0, smoothing_hint=False)
+        if self.nonfinite_streak >= self.nonfinite_patience:
+            raise NonFiniteTrainingError(
+                f"training stopped at iteration {self.iter} after {self.nonfinite_streak} consecutive non-finite "
+                f"steps; the last had a non-finite {what}, loss terms: {terms}. The weights were not updated by "
+                "them and no checkpoint was written during them; lower SOLVER.BASE_LR or enable "
+                "SOLVER.CLIP_GRADIENTS, then --resume from the last checkpoint")
 
     def state_dict(self):
         ret = super().state_dict()
@@ -132,6 +155,27 @@ class FiberTrainStep(SimpleTrainer):
         self.nonfinite_streak = state_dict.get("nonfinite_streak", 0)
         if self.scaler is not None and "grad_scaler" in state_dict:
             self.scaler.load_state_dict(state_dict["grad_scaler"])
+
+
+class FiniteStepCheckpointer(hooks.PeriodicCheckpointer):
+    """Detectron2's periodic checkpointer that writes nothing while the last steps were non-finite
+    (the weights then in memory are the ones that produced NaN/inf); a checkpoint due meanwhile is
+    written at the first finite step, so a recovered run loses no checkpoint period."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._due = False
+
+    def after_step(self):
+        if self.trainer._trainer.nonfinite_streak > 0:
+            if (self.trainer.iter + 1) % self.period == 0:
+                self._due = True
+                logger.warning(f"iteration {self.trainer.iter}: checkpoint not written (the last step was non-finite)")
+            return
+        if self._due and (self.trainer.iter + 1) % self.period != 0:
+            self.checkpointer.save(f"{self.file_prefix}_{self.trainer.iter:07d}", iteration=self.trainer.iter)
+        self._due = False
+        super().after_step()
 
 
 def resolve_schedule(cfg):
@@ -166,7 +210,10 @@ class FiberTrainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         self.ema = ModelEMA(model, cfg.MODEL.EMA.DECAY) if cfg.MODEL.EMA.ENABLED else None
-        model = create_ddp_model(model, broadcast_buffers=False, find_unused_parameters=False)
+        # DDP on CPU (gloo) takes no device_ids; Detectron2 would pass the local rank
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        model = create_ddp_model(model, broadcast_buffers=False, find_unused_parameters=False,
+                                 **({"device_ids": None} if on_cpu else {}))
         self._trainer = FiberTrainStep(
             model, data_loader, optimizer, amp_dtype=amp_dtype_from_cfg(cfg),
             max_neg_per_batch=cfg.SOLVER.MAX_NEG_PER_BATCH, nonfinite_patience=cfg.SOLVER.NONFINITE_PATIENCE,
@@ -187,18 +234,22 @@ class FiberTrainer(DefaultTrainer):
         extra = [EMAHook(self.ema) if self.ema is not None else None,
                  build_weight_decay_schedule_hook(self.cfg, self.cfg.SOLVER.STEPS)]
         ret[position:position] = [h for h in extra if h is not None]
-        if self.ema is not None and self.cfg.MODEL.EMA.USE_FOR_EVAL:
-            for h in ret:
-                if isinstance(h, hooks.EvalHook):
-                    h._func = self._eval_with_ema(h._func)
+        # Detectron2 checkpoints on the main process only; ours runs on every process (each one's
+        # data position and RNG states are gathered into the file), before the evaluation.
+        ret = [h for h in ret if not isinstance(h, hooks.PeriodicCheckpointer)]
+        evaluation = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook))
+        ret.insert(evaluation, FiniteStepCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD))
+        ret[evaluation + 1]._func = self._eval_in_training(ret[evaluation + 1]._func)
         return ret
 
     def state_dict(self):
         # Detectron2 0.6's DefaultTrainer saves neither the optimizer (nor the GradScaler) of its
-        # inner trainer nor the LR scheduler; without them --resume would restart both.
+        # inner trainer nor the LR scheduler; without them --resume would restart both. The data
+        # position and RNG states of every process make the resumed run bit-identical.
         ret = super().state_dict()
         ret["_trainer"] = self._trainer.state_dict()
         ret["scheduler"] = self.scheduler.state_dict()
+        ret["processes"] = gather_process_states(self._trainer.data_loader)
         return ret
 
     def load_state_dict(self, state_dict):
@@ -208,10 +259,15 @@ class FiberTrainer(DefaultTrainer):
             raise KeyError(f"the checkpoint's trainer state lacks {missing}: it was not written by FiberTrainer")
         self._trainer.load_state_dict(state_dict["_trainer"])
         self.scheduler.load_state_dict(state_dict["scheduler"])
+        restore_process_states(state_dict.get("processes"), self._trainer.data_loader)
 
-    def _eval_with_ema(self, func):
+    def _eval_in_training(self, func):
+        """The periodic evaluation with the EMA weights (MODEL.EMA.USE_FOR_EVAL) and without
+        touching the training RNGs (so that it cannot change what a resumed run sees)."""
+        use_ema = self.ema is not None and self.cfg.MODEL.EMA.USE_FOR_EVAL
+
         def run():
-            with swap_to_ema(self.model, self.ema):
+            with preserved_rng_states(), (swap_to_ema(self.model, self.ema) if use_ema else nullcontext()):
                 return func()
         return run
 

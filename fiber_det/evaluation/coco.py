@@ -2,7 +2,7 @@
 
 What differs from :class:`detectron2.evaluation.COCOEvaluator` (everything else is inherited):
 - results are xywh with the legacy "+1" (w = x2 - x1 + 1, h = y2 - y1 + 1) when
-  ``TEST.COCO_BOX_PLUS_ONE`` (official; the paper's COCO numbers use it, spec §6 item 10);
+  ``TEST.COCO_BOX_PLUS_ONE`` (official: the paper's COCO numbers were computed that way);
 - category ids come from the metadata's ``thing_dataset_id_to_contiguous_id`` (``pred_classes`` is
   the contiguous id = prompt label - 1), read when predictions arrive, because dataset loaders
   record the map only when the dataset is loaded;

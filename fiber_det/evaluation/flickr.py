@@ -1,24 +1,25 @@
 """Flickr30k Entities phrase-grounding recall (R@1/5/10 and upper bound), as MDETR and FIBER score it.
 
-One entry = one (image, sentence) pair. Phrase j of an entry is ``tokens_positive_eval[j]``; the
+One entry = one (image, sentence) pair. Phrase j of an entry is the j-th of its evaluated phrases
+(:func:`fiber_det.data.prompt.grounding_phrases`, label j + 1 of the prompt the mapper made); the
 model's detections with label j + 1 are its ranked boxes (all detections sorted by score, stable,
 bucketed by label; labels outside 1..#phrases are not phrases of the entry), and a dummy
 ``[0, 0, 0, 0]`` box is appended to every list as FIBER's post-processing does. An empty list (only
 possible when called directly) is a miss, where the official evaluator would crash.
 
-Ground truth, per phrase (../shared/docs/evaluator_semantics.md, "Flickr30k Entities recall"):
+Ground truth, per phrase (the official MDETR evaluator's semantics):
 (a) with ``annotations_root`` (metadata ``flickr_annotations_root``): the official Flickr30k Entities
     files. ``Sentences/<original_img_id>.txt`` line ``sentence_id`` (blank lines skipped), e.g.
     ``[/EN#18/people A man] in [/EN#19/clothing a blue shirt] .``, gives the phrases (entity id,
     types, first-word index); ``Annotations/<original_img_id>.xml`` gives per ``<object>`` one
     ``<bndbox>`` (xmin, ymin, xmax, ymax; pixels, used as they are) for every entity id in its
     ``<name>`` tags. A phrase is evaluable iff its entity has a box. Alignment, as MDETR's
-    evaluator: the json's ``tokens_positive_eval`` lists exactly the evaluable phrases in sentence
-    order, so phrase j of the json is the j-th evaluable phrase of the sentence; a count mismatch
-    raises. Phrase types come from the Sentences tags.
+    evaluator: the json's evaluated phrases are exactly the evaluable phrases in sentence order,
+    so phrase j of the json is the j-th evaluable phrase of the sentence; a count mismatch raises.
+    Phrase types come from the Sentences tags.
 (b) without it: from the entry's json annotations. The GT boxes of phrase j are the annotations
-    whose ``tokens_positive`` spans overlap (share at least one character with) a span of phrase
-    j; boxes are xywh -> xyxy with x2 = x + w. A phrase without such a box is not evaluated (counted
+    whose caption spans overlap (share at least one character with) a span of phrase j
+    (:func:`fiber_det.data.prompt.phrase_annotations`); boxes are xywh -> xyxy with x2 = x + w. A phrase without such a box is not evaluated (counted
     in the log). There are no phrase types then, only "all".
 Sentences without an evaluable phrase are skipped.
 
@@ -48,6 +49,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 
+from ..data.prompt import grounding_phrases, phrase_annotations
 from .gather import PerImageEvaluator
 
 __all__ = [
@@ -158,12 +160,11 @@ class _FlickrEntities:
         evaluable = [p for p in sentences[sentence_id] if p["phrase_id"] in boxes]
         if not evaluable:
             return None
-        if len(evaluable) != len(entry["tokens_positive_eval"]):
+        if len(evaluable) != entry["num_phrases"]:
             raise ValueError(
-                f"entry {entry['image_id']} (Flickr image {image}, sentence {sentence_id}): the json has "
-                f"{len(entry['tokens_positive_eval'])} phrases in 'tokens_positive_eval' but the sentence has "
-                f"{len(evaluable)} phrases with boxes ({[p['phrase'] for p in evaluable]}); they are aligned "
-                "by order and must correspond one to one"
+                f"entry {entry['image_id']} (Flickr image {image}, sentence {sentence_id}): the json evaluates "
+                f"{entry['num_phrases']} phrases but the sentence has {len(evaluable)} phrases with boxes "
+                f"({[p['phrase'] for p in evaluable]}); they are aligned by order and must correspond one to one"
             )
         return [_phrase_gt(boxes[p["phrase_id"]], p["phrase_type"]) for p in evaluable]
 
@@ -175,20 +176,12 @@ def _phrase_gt(boxes: Sequence[Sequence[float]], types: Sequence[str]) -> dict:
     return {"any": any_box, "merged": merged, "types": list(types)}
 
 
-def _spans_overlap(spans_a: Sequence[Sequence[int]], spans_b: Sequence[Sequence[int]]) -> bool:
-    return any(max(a[0], b[0]) < min(a[1], b[1]) for a in spans_a for b in spans_b)
-
-
 def _json_phrases(entry: dict) -> Optional[List[Optional[dict]]]:
     """Protocol (b): GT per json phrase from overlapping annotation spans (None: no box)."""
-    for ann in entry["annotations"]:
-        if ann["tokens_positive"] is None:
-            raise ValueError(f"entry {entry['image_id']}: an annotation has no 'tokens_positive'; without "
-                             "Flickr30k Entities annotations the GT of a phrase comes from these spans")
-    phrases = [
-        [ann["bbox"] for ann in entry["annotations"] if _spans_overlap(ann["tokens_positive"], spans)]
-        for spans in entry["tokens_positive_eval"]
-    ]
+    if entry["phrase_boxes"] is None:
+        raise ValueError(f"entry {entry['image_id']}: an annotation has no caption spans; without "
+                         "Flickr30k Entities annotations the GT of a phrase comes from these spans")
+    phrases = entry["phrase_boxes"]
     if not any(phrases):
         return None
     return [_phrase_gt(boxes, ()) if boxes else None for boxes in phrases]
@@ -198,38 +191,27 @@ def _json_phrases(entry: dict) -> Optional[List[Optional[dict]]]:
 # Entries and scoring
 
 
-def _eval_spans(record: Mapping) -> List[list]:
-    """``tokens_positive_eval``; when absent, one phrase per distinct annotation span list in order
-    of first appearance (the dataset-dict contract's rule)."""
-    if record.get("tokens_positive_eval") is not None:
-        return [[list(span) for span in spans] for spans in record["tokens_positive_eval"]]
-    distinct = []
-    for ann in record.get("annotations", []):
-        spans = [list(span) for span in ann.get("tokens_positive") or []]
-        if spans and spans not in distinct:
-            distinct.append(spans)
-    return distinct
-
-
 def flickr_gt_entry(record: Mapping) -> dict:
     """The GT fields of one entry, from a dataset dict / mapper input or an MDETR json image whose
     ``annotations`` were attached (boxes xywh in json coordinates, ``bbox_mode`` XYWH_ABS if absent).
 
     Returns:
-        ``{"image_id", "original_img_id", "sentence_id", "tokens_positive_eval",
-        "annotations": [{"bbox": [x1, y1, x2, y2], "tokens_positive"}]}`` (x2 = x + w).
+        ``{"image_id", "original_img_id", "sentence_id", "num_phrases", "phrase_boxes"}``:
+        ``phrase_boxes`` holds per phrase the xyxy boxes (x2 = x + w) of the annotations whose
+        spans overlap it, or is None when an annotation has no spans.
     """
-    annotations = []
+    boxes = []
     for ann in record.get("annotations", []):
         mode = ann.get("bbox_mode", BoxMode.XYWH_ABS)
-        annotations.append({"bbox": [float(v) for v in BoxMode.convert(list(ann["bbox"]), mode, BoxMode.XYXY_ABS)],
-                            "tokens_positive": ann.get("tokens_positive")})
+        boxes.append([float(v) for v in BoxMode.convert(list(ann["bbox"]), mode, BoxMode.XYXY_ABS)])
+    phrases = grounding_phrases(record)
+    members = phrase_annotations(record, phrases)
     return {
         "image_id": record["image_id"],
         "original_img_id": record.get("original_img_id"),
         "sentence_id": record.get("sentence_id"),
-        "tokens_positive_eval": _eval_spans(record),
-        "annotations": annotations,
+        "num_phrases": len(phrases),
+        "phrase_boxes": None if members is None else [[boxes[i] for i in indices] for indices in members],
     }
 
 

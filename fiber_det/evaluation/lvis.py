@@ -1,6 +1,7 @@
-"""LVIS FixedAP (Dave et al. 2021, as MDETR and FIBER evaluate LVIS; spec §8.2).
+"""LVIS FixedAP (Dave et al. 2021, as MDETR and FIBER evaluate LVIS).
 
-Protocol (../shared/docs/evaluator_semantics.md, "LVIS FixedAP"):
+Protocol (the official evaluator's semantics; the model side runs 1203 names in 31 chunks of 40,
+each keeping up to 300 detections per image):
 1. collect every detection of the dataset (labels -> LVIS category ids through the metadata's
    ``thing_dataset_id_to_contiguous_id``; boxes xywh without "+1"); no per-image cap;
 2. per category keep the ``topk`` (10,000) highest scores over the whole dataset. Equal scores keep

@@ -1,6 +1,6 @@
-"""RefCOCO / RefCOCO+ / RefCOCOg precision@k, as MDETR and FIBER score it (spec §8.4).
+"""RefCOCO / RefCOCO+ / RefCOCOg precision@k, as MDETR and FIBER score it.
 
-Per entry (one referring expression, one GT box; ../shared/docs/evaluator_semantics.md):
+Per entry (one referring expression, one GT box), the official evaluator's semantics:
 - every detection of the entry is ranked (the one phrase is label 1) by score, highest first; equal
   scores are ordered by the box ``[x1, y1, x2, y2]`` compared lexicographically, largest first,
   because the official code sorts ``(score, box)`` pairs in reverse;

@@ -1,4 +1,4 @@
-"""The coarse-grained (stage-1) checkpoint -> the fine-grained model's towers (spec §10.4).
+"""The coarse-grained (stage-1) checkpoint -> the fine-grained model's towers.
 
 The real ``fiber_coarse_init.pt`` is not available; a synthetic one is built from the coarse
 module names (``vit_model.*``, ``text_transformer.*``) of a fine-grained model's towers, plus

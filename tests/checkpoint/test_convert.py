@@ -1,4 +1,4 @@
-"""Official FIBER checkpoints and configs -> fiber-det (spec §10.1-10.3).
+"""Official FIBER checkpoints and configs -> fiber-det.
 
 - the rename table against the measured official key lists (v2 COCO / v3 RefCOCO models);
 - ``convert_official_state_dict`` on the golden fixture's official-style state dict;
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from checkpoint_test_utils import run_tool, same_detection_sets, write_fixture_side_files
-from conftest import REPO
+from conftest import REPO, load_tool
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
@@ -30,7 +30,7 @@ DOCS = REPO.parent / "shared" / "docs"
 BODY = "module.fusion_backbone.backbone.body."
 TEXT = "module.fusion_backbone.language_backbone.body.model."
 
-# spec §0 / Base-FIBER-SwinB.yaml: official parameter counts and the dropped cls_logits conv
+# Base-FIBER-SwinB.yaml: official parameter counts and the dropped cls_logits conv
 OFFICIAL_PARAMS = {"v2": 252_055_304, "v3": 252_063_496}
 CLS_LOGITS_PARAMS = 80 * 256 + 80
 FIBER_DET_PARAMS = {"v2": 252_034_744, "v3": 252_042_936}
@@ -435,6 +435,26 @@ def test_cli_rejects_an_unknown_key(fixture_v2, side_files, tmp_path):
     assert "head.mystery_scale" in proc.stdout + proc.stderr
     assert "1 unmatched" in proc.stderr
     assert not out.exists()
+
+
+def test_cli_diagnoses_converted_truncated_and_unsafe_inputs(round_trip, side_files, tmp_path):
+    """One line first: an already converted file, a truncated file, a file that would run code."""
+    def first_error(proc):
+        return next(line for line in proc.stderr.splitlines() if line.startswith("[convert]"))
+
+    proc = run_tool("convert_fiber_checkpoint.py", *_cli_args(side_files, round_trip["out"], tmp_path / "again.pth"))
+    assert proc.returncode == 1
+    assert first_error(proc) == (
+        f"[convert] ERROR: {round_trip['out']} is already in fiber-det format (its tensors carry the model's own "
+        "names): load it with MODEL.WEIGHTS directly, there is nothing to convert")
+    tool = load_tool("convert_fiber_checkpoint")  # in process: these stop before any model is built
+    data = round_trip["out"].read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 3])
+    with pytest.raises(SystemExit, match=f"^\\[convert\\] ERROR: {tmp_path / 'cut.pth'}: the file is truncated"):
+        tool.load_checkpoint(str(tmp_path / "cut.pth"))
+    torch.save({"model": {}, "hook": print}, tmp_path / "code.pth")
+    with pytest.raises(SystemExit, match="refused to load: the file names the Python object\\(s\\) builtins.print"):
+        tool.load_checkpoint(str(tmp_path / "code.pth"))
 
 
 # ---------------------------------------------------------------------------------------------

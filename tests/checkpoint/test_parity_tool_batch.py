@@ -1,4 +1,4 @@
-"""The parity tool on a fixture of the B layout (FIXTURE_FORMAT.md): v3 weights, two images of
+"""The parity tool on a fixture of the B layout (two images, v3, per-image label maps): v3 weights, two images of
 different sizes, captions of different lengths, per-image label maps.
 
 The official batch-2 v3 fixture is kept by the maintainers, so this one is synthesised: fixture
@@ -16,8 +16,9 @@ from PIL import Image
 from skimage import data
 
 from fiber_det.checkpoint.parity import build_fixture_model, capture_intermediates
-from fiber_det.data.prompts import build_label_to_tokens
-from fiber_det.data.tokenization import build_tokenizer, positive_map_from_caption, tokenize_captions
+from fiber_det.data.prompt import PromptBuilder, collate_prompts
+from fiber_det.data.tokenization import build_tokenizer
+from fiber_det.data.training_prompts import grounding_prompt
 from fiber_det.modeling.postprocess import postprocess_image, rescale_boxes
 
 V3_BLOCKS = [(2, j) for j in (14, 15, 16, 17)] + [(3, 0), (3, 1)]
@@ -38,18 +39,19 @@ def _inputs(a, tokenizer):
     for i, (rgb, (h, w)) in enumerate(zip(raw, sizes)):
         images[i, :, :h, :w] = _image(rgb, (h, w), inp["pixel_mean_bgr"], inp["pixel_std_bgr"])
     captions = [inp["captions"][0], "an astronaut with a flag"]
-    tok = tokenize_captions(tokenizer, captions)
+    builder = PromptBuilder(tokenizer, max_length=256)
+    input_ids, attention_mask = collate_prompts([builder.build(c) for c in captions], tokenizer.pad_token_id, 256)
     maps = [inp["per_image"][0]["positive_map_label_to_token"],
-            build_label_to_tokens(tokenizer, captions[1], {1: [[0, 12]], 2: [[18, 24]]})]
+            {k: list(v) for k, v in builder.build(captions[1], {1: [[0, 12]], 2: [[18, 24]]}).token_map.items()}]
     per_image = [dict(inp["per_image"][0], raw_image_rgb_uint8=None),
                  {"original_size_hw": (512, 512), "image_size_hw": (300, 300), "caption": captions[1],
                   "positive_map_label_to_token": maps[1]}]
     boxes = [a["targets"][0]["boxes_xyxy"], torch.tensor([[20.0, 10.0, 200.0, 299.0], [0.0, 0.0, 55.0, 299.0]])]
     spans = [a["targets"][0]["tokens_positive"], [[[0, 12]], [[18, 24]]]]
-    pmaps = [positive_map_from_caption(tokenizer, c, s, normalize=False) for c, s in zip(captions, spans)]
+    samples = [grounding_prompt(c, s) for c, s in zip(captions, spans)]
+    pmaps = [builder.build(c.caption, c.spans, training=True).positive_map(c.box_labels, 256) for c in samples]
     return {**inp, "images": images, "image_sizes_hw": sizes, "captions": captions, "per_image": per_image,
-            "input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"],
-            "positive_map_train": torch.cat(pmaps)}, boxes
+            "input_ids": input_ids, "attention_mask": attention_mask, "positive_map_train": torch.cat(pmaps)}, boxes
 
 
 def _record(fixture, model, boxes):
@@ -61,7 +63,7 @@ def _record(fixture, model, boxes):
         out, anchors = model.run(inp["images"], inp["input_ids"], inp["attention_mask"])
     for h in hooks:
         h.remove()
-    lang = out["language"]
+    lang = store["language"]
     tokens, h, w = store["c2"]
     c2 = tokens.view(2, h, w, -1).permute(0, 3, 1, 2)
     oe = {
@@ -72,10 +74,10 @@ def _record(fixture, model, boxes):
         "backbone_features": {"C3": store["stages"]["res3"], "C4": store["stages"]["res4"], "C5": store["stages"]["res5"],
                               "C2_channels_every_16th": c2[:, ::16], "C2_sum": c2.double().sum().item(),
                               "C2_abs_sum": c2.double().abs().sum().item()},
-        "fpn_features": out["features"], "dyhead_tower_features": out["tower"],
+        "fpn_features": store["features"], "dyhead_tower_features": store["tower"],
         "head": {"bbox_reg": out["box_deltas"], "centerness": out["centerness"],
                  "dot_product_logits": [x[:, :, :L] for x in out["token_logits"]],
-                 "dot_product_proj_tokens": out["proj_tokens"][:, :L]},
+                 "dot_product_proj_tokens": store["proj_tokens"][:, :L]},
         "anchors": [list(anchors), list(anchors)],
         "postprocessor_settings": {"pre_nms_thresh": model.score_threshold, "pre_nms_top_n": model.pre_nms_top_n,
                                    "nms_thresh": model.nms_threshold, "fpn_post_nms_top_n": model.detections_per_image},

@@ -83,7 +83,7 @@ def test_loaders_feed_the_tiny_model():
     assert all(torch.isfinite(v) for v in losses.values())
 
     test_batch = next(iter(build_test_loader(cfg, "real_photos_grounding")))
-    assert len(test_batch) == 1 and "label_spans" in test_batch[0] and "instances" not in test_batch[0]
+    assert len(test_batch) == 1 and len(test_batch[0]["prompts"]) == 1 and "instances" not in test_batch[0]
     assert max(test_batch[0]["image"].shape[1:]) <= 192  # MAX_SIZE_TEST
     model.eval()
     with torch.no_grad():
@@ -92,7 +92,7 @@ def test_loaders_feed_the_tiny_model():
 
     chunked = tiny_cfg(DATALOADER__NUM_WORKERS=0, TEST__CHUNK_SIZE=8)
     (x,) = next(iter(build_test_loader(chunked, "real_photos_detection")))
-    assert [len(p["label_spans"]) for p in x["prompts"]] == [8, 8, 4]  # 20 categories
+    assert [len(p.labels) for p in x["prompts"]] == [8, 8, 4]  # 20 categories
 
 
 @pytest.fixture

@@ -44,6 +44,10 @@ def test_jsons_list_only_present_photos(vendored_root, monkeypatch):
     grounding = _load(vendored_root / "grounding.json")
     assert [img["file_name"] for img in grounding["images"]] == VENDORED
     assert [img["id"] for img in grounding["images"]] == [1, 2, 3]  # fixed ids from the table
+    # the written files name no path of this machine: they stay valid when the root moves
+    for name in ("grounding.json", "detection.json"):
+        text = (vendored_root / name).read_text(encoding="utf-8")
+        assert str(vendored_root) not in text and str(REPO) not in text and '"/' not in text
     Image.new("RGB", (960, 643)).save(vendored_root / "images" / "quokka.jpg")  # a stand-in of the right size
     ensure_real_photos(vendored_root)  # a new photo appears -> rewritten
     assert [img["file_name"] for img in _load(vendored_root / "grounding.json")["images"]][-1] == "quokka.jpg"

@@ -1,9 +1,8 @@
-"""Tests of fiber_det.data.tokenization: tokenizer loading, caption batches, positive maps.
+"""Tests of fiber_det.data.tokenization: tokenizer loading, positive maps.
 
 Real vocabularies only: the GPT-2 BPE in tests/assets, the BERT WordPiece of all-MiniLM-L6-v2
 (installed package) and the tiny BPE stored in the official golden fixture.
 """
-import doctest
 import json
 import shutil
 
@@ -14,16 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import ByT5Tokenizer
 
-from fiber_det.data import tokenization
-from fiber_det.data.tokenization import (
-    build_tokenizer,
-    char_span_to_token_range,
-    create_positive_map,
-    label_tokens_to_positive_map,
-    positive_map_from_caption,
-    positive_map_to_label_tokens,
-    tokenize_captions,
-)
+from fiber_det.data.tokenization import build_tokenizer, char_span_to_token_range, create_positive_map
 
 
 
@@ -102,8 +92,6 @@ def test_slow_tokenizer_and_its_encodings_are_rejected(gpt2):
     slow = ByT5Tokenizer()
     assert not slow.is_fast
     with pytest.raises(ValueError, match="ByT5Tokenizer.*not a fast"):
-        positive_map_from_caption(slow, "abc", [[[0, 1]]])
-    with pytest.raises(ValueError, match="ByT5Tokenizer.*not a fast"):
         create_positive_map(slow, [[[0, 1]]])
     with pytest.raises(ValueError, match="slow"):
         create_positive_map(slow("abc"), [[[0, 1]]])
@@ -114,45 +102,13 @@ def test_slow_tokenizer_and_its_encodings_are_rejected(gpt2):
 
 
 # ---------------------------------------------------------------------------------------------
-# tokenize_captions
-
-
-def test_tokenize_captions_reproduces_reference(reference, reference_tokenizer):
-    inputs = reference["inputs"]
-    out = tokenize_captions(reference_tokenizer, inputs["captions"])
-    assert out["input_ids"].dtype == torch.int64 and out["attention_mask"].dtype == torch.int64
-    assert torch.equal(out["input_ids"], inputs["input_ids"])
-    assert torch.equal(out["attention_mask"], inputs["attention_mask"])
-
-
-def test_tokenize_captions_padding_modes(gpt2):
-    captions = ["a cat.", "a remote control on a table."]
-    full = tokenize_captions(gpt2, captions)
-    assert full["input_ids"].shape == (2, 256)
-    assert full["attention_mask"].sum(1).tolist() == [5, 9]  # <s> a Ġcat . </s>
-    assert full["input_ids"][0, 5:].eq(gpt2.pad_token_id).all()
-    longest = tokenize_captions(gpt2, captions, pad_to_max_length=False)
-    assert longest["input_ids"].shape == (2, 9)
-    assert torch.equal(longest["input_ids"], full["input_ids"][:, :9])
-    short = tokenize_captions(gpt2, captions, max_length=7, pad_to_max_length=False)
-    assert short["input_ids"].shape == (2, 7)
-    assert short["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0, 0], [1] * 7]
-    assert short["input_ids"][1, -1].item() == gpt2.eos_token_id  # truncation keeps </s>
-
-
-@pytest.mark.parametrize("captions", [[], ["a cat", ""], ["   "]])
-def test_tokenize_captions_rejects_empty(gpt2, captions):
-    with pytest.raises(ValueError, match="empty"):
-        tokenize_captions(gpt2, captions)
-
-
-def test_tokenize_captions_rejects_bare_string(gpt2):
-    with pytest.raises(TypeError, match=r"\[caption\]"):
-        tokenize_captions(gpt2, "a cat")
-
-
-# ---------------------------------------------------------------------------------------------
 # create_positive_map against the reference
+
+
+def _map(tokenizer, caption, spans_per_row, max_length=256, **kwargs):
+    """create_positive_map on the caption truncated at ``max_length`` (the training encoding)."""
+    tokenized = tokenizer(caption, max_length=max_length, truncation=True)
+    return create_positive_map(tokenized, spans_per_row, max_length, caption=caption, **kwargs)
 
 
 def test_positive_maps_match_reference(reference, reference_tokenizer):
@@ -164,22 +120,6 @@ def test_positive_maps_match_reference(reference, reference_tokenizer):
     assert torch.equal(normalized, target["positive_map_normalized"])
     binary = create_positive_map(tokenized, target["tokens_positive"], normalize=False)
     assert torch.equal(binary, reference["inputs"]["positive_map_train"])
-
-
-def test_per_phrase_maps_match_reference(reference, reference_tokenizer):
-    per_image = reference["inputs"]["per_image"][0]
-    spans = [phrase["char_spans"] for phrase in per_image["phrases"]]
-    eval_map, unresolved = positive_map_from_caption(
-        reference_tokenizer, per_image["caption"], spans, return_unresolved=True
-    )
-    assert unresolved == []
-    assert torch.equal(eval_map, per_image["positive_map_eval"])
-    label_to_tokens = positive_map_to_label_tokens(eval_map, plus=1)
-    assert label_to_tokens == {1: [1, 2, 3, 4, 5], 2: [9, 10, 11, 12], 3: [14, 15, 16, 17, 18]}
-    assert label_to_tokens == per_image["positive_map_label_to_token"]
-    assert torch.equal(
-        label_tokens_to_positive_map(label_to_tokens), (per_image["positive_map_eval"] > 0).float()
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +148,7 @@ def test_negative_fallback_index_counts_as_unresolved(bert):
 
 def test_unresolved_spans_are_reported_and_rows_union_spans(gpt2):
     caption = "a cat and a dog  "
-    pm, unresolved = positive_map_from_caption(
+    pm, unresolved = _map(
         gpt2,
         caption,
         [[[2, 5], [12, 15]], [[15, 17]], [[0, 1]]],
@@ -219,13 +159,13 @@ def test_unresolved_spans_are_reported_and_rows_union_spans(gpt2):
     assert torch.nonzero(pm[0]).flatten().tolist() == [2, 5]  # 'Ġcat', 'Ġdog'
     assert pm[1].sum() == 0
     assert torch.nonzero(pm[2]).flatten().tolist() == [1]
-    normalized = positive_map_from_caption(gpt2, caption, [[[2, 5], [12, 15]]])
+    normalized = _map(gpt2, caption, [[[2, 5], [12, 15]]])
     assert torch.allclose(normalized[0, [2, 5]], torch.full((2,), 1 / (2 + 1e-6)))
 
 
 def test_truncated_and_clipped_spans(gpt2):
     caption = "a cat and a dog"  # <s> a Ġcat Ġand Ġa Ġdog </s>
-    pm, unresolved = positive_map_from_caption(
+    pm, unresolved = _map(
         gpt2, caption, [[[12, 15]], [[2, 5]]], max_length=4, normalize=False, return_unresolved=True
     )
     assert pm.shape == (2, 4)
@@ -243,7 +183,7 @@ def test_truncated_and_clipped_spans(gpt2):
 def test_span_outside_caption_is_named(gpt2, span):
     caption = "a cat and a dog"
     with pytest.raises(ValueError) as err:
-        positive_map_from_caption(gpt2, caption, [[span]])
+        _map(gpt2, caption, [[span]])
     message = str(err.value)
     assert caption in message
     assert (f"[{span[0]}, {span[1]})" in message) or (str(span) in message)
@@ -252,30 +192,6 @@ def test_span_outside_caption_is_named(gpt2, span):
 def test_negative_start_rejected_without_caption(gpt2):
     with pytest.raises(ValueError, match=r"\[-2, 3\)"):
         create_positive_map(gpt2("a cat"), [[[-2, 3]]])
-
-
-# ---------------------------------------------------------------------------------------------
-# label <-> map conversions
-
-
-def test_label_token_conversions_round_trip():
-    label_to_tokens = {3: [4], 1: [1, 2], 2: []}
-    pm = label_tokens_to_positive_map(label_to_tokens, max_length=6)
-    assert pm.tolist() == [[0, 1, 1, 0, 0, 0], [0] * 6, [0, 0, 0, 0, 1, 0]]
-    assert positive_map_to_label_tokens(pm) == {1: [1, 2], 2: [], 3: [4]}
-    assert positive_map_to_label_tokens(pm, plus=0) == {0: [1, 2], 1: [], 2: [4]}
-
-
-def test_label_token_conversions_reject_bad_input():
-    with pytest.raises(ValueError, match="label 1.*256"):
-        label_tokens_to_positive_map({1: [256]})
-    with pytest.raises(ValueError, match="2-D"):
-        positive_map_to_label_tokens(torch.zeros(256))
-
-
-def test_docstring_examples_run():
-    results = doctest.testmod(tokenization)
-    assert results.attempted > 0 and results.failed == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,9 +236,7 @@ def test_span_property(request, name, sample):
     tokenizer = request.getfixturevalue(name)
     caption, spans, max_length = sample
     rows = [[span] for span in spans]
-    pm, unresolved = positive_map_from_caption(
-        tokenizer, caption, rows, max_length=max_length, normalize=False, return_unresolved=True
-    )
+    pm, unresolved = _map(tokenizer, caption, rows, max_length=max_length, normalize=False, return_unresolved=True)
     tokenized = tokenizer(caption, max_length=max_length, truncation=True)
     offsets = tokenizer(caption, max_length=max_length, truncation=True, return_offsets_mapping=True)[
         "offset_mapping"

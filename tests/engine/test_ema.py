@@ -1,4 +1,4 @@
-"""Model EMA (spec §9.3): update math on every state-dict entry, checkpointing, hook, swap."""
+"""Model EMA (ema <- decay * ema + (1 - decay) * model, as upstream): update math on every state-dict entry, checkpointing, hook, swap."""
 import copy
 
 import pytest

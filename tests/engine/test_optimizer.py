@@ -1,4 +1,4 @@
-"""AdamW over merged groups and the official full-model gradient clipping (spec §9.1, §9.3)."""
+"""AdamW over merged groups and the official full-model gradient clipping (norm 1.0 over every parameter, inside optimizer.step)."""
 import copy
 
 import pytest

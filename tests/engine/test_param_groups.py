@@ -1,8 +1,9 @@
-"""Official parameter groups (spec §9.1) on the full FIBER-B model, checked against the official
+"""Official parameter groups on the full FIBER-B model, checked against the official
 state-dict key list.
 
 The oracle applies the official rules literally to the official names and shapes of
-/work/shared/docs/fiber_statedict_keys_v{2,3}.tsv (measured on the official code); our groups
+the official state-dict key lists ../shared/docs/fiber_statedict_keys_v{2,3}.tsv, read at test time
+(measured on the official code); our groups
 come from our module names. The full models are built on the meta device (no allocation).
 """
 import math
@@ -124,7 +125,8 @@ def test_v3_model_matches_official():
 
 
 def test_quirky_names(coco_model):
-    """Spot checks of the substring quirks (spec §9.1, §11.22) with every factor distinct."""
+    """Spot checks of the substring quirks (rules match substrings of parameter names, so e.g. every
+    name containing "norm" gets the norm factor) with every factor distinct."""
     groups = build_param_groups(coco_model, **ODD_FACTORS)
     where = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
     params = dict(coco_model.named_parameters())

@@ -1,4 +1,4 @@
-"""Training length, LR schedule and weight-decay schedule against the official formulas (spec §9.2)."""
+"""Training length, LR schedule and weight-decay schedule against the official formulas."""
 import bisect
 
 import pytest
@@ -44,7 +44,7 @@ def _optimizer(lrs=(1e-4, 2e-4, 1e-5), wd=0.01):
 
 def test_max_iter_from_epochs():
     cfg = tiny_cfg(SOLVER__MAX_EPOCH=24, SOLVER__IMS_PER_BATCH=32)
-    assert resolve_max_iter(cfg, 117_266) == 87_949  # spec §9.2 COCO example
+    assert resolve_max_iter(cfg, 117_266) == 87_949  # COCO train2017: 24 epochs at batch 32
     assert resolve_max_iter(tiny_cfg(SOLVER__MAX_ITER=800_000), 117_266) == 800_000
     with pytest.raises(ValueError, match="training set has 0 images"):
         resolve_max_iter(cfg, 0)

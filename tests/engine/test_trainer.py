@@ -113,3 +113,26 @@ def test_ema_and_weight_decay_hooks_follow_the_lr_scheduler(synthetic, tmp_path)
     assert trainer._hooks[at + 2].decay_iterations == WeightDecayScheduleHook([3], 0.667, 0.1).decay_iterations
     plain = FiberTrainer(make_cfg(tmp_path / "plain", MODEL__EMA__ENABLED=False))
     assert not any(isinstance(h, (EMAHook, WeightDecayScheduleHook)) for h in plain._hooks)
+
+
+def test_a_diverging_run_stops_cleanly_and_keeps_its_last_good_checkpoint(synthetic, tmp_path, caplog):
+    """SOLVER.BASE_LR 1e30: the weights explode after the first step; the NaN deformable-conv offsets
+    that follow used to crash torchvision's kernel (a segmentation fault)."""
+    from fiber_det.engine.trainer import NonFiniteTrainingError
+    from fiber_det.utils.safe_load import load_checkpoint_file
+
+    cfg = make_cfg(tmp_path, SOLVER__BASE_LR=1e30, SOLVER__WARMUP_ITERS=0, SOLVER__CHECKPOINT_PERIOD=1,
+                   SOLVER__NONFINITE_PATIENCE=2, SOLVER__CLIP_GRADIENTS__ENABLED=False, MODEL__EMA__ENABLED=False)
+    trainer = FiberTrainer(cfg)
+    with caplog.at_level("WARNING", logger="fiber_det"), pytest.raises(NonFiniteTrainingError) as error:
+        trainer.train()
+    message = str(error.value)
+    assert "training stopped at iteration 2 after 2 consecutive non-finite steps" in message
+    for term in ("loss_reg=", "loss_centerness=", "loss_dot_product_token="):
+        assert term in message
+    assert "iteration 1: non-finite loss" in caplog.text and "iteration 1: checkpoint not written" in caplog.text
+    # the checkpoint of the last finite step is the last one, whole and finite
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000000.pth"
+    assert sorted(p.name for p in tmp_path.glob("model_*.pth")) == ["model_0000000.pth"]
+    saved = load_checkpoint_file(tmp_path / "model_0000000.pth")
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())

@@ -136,3 +136,30 @@ def test_retrieval(tool, tmp_path):
         tool.main(["--task", "retrieval", "--predictions", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit):
         tool.parse_args(["--task", "coco", "--predictions", "p.json"])  # --gt is required there
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown_image", "results.json: 1 result(s) name a image_id that {gt} lacks in 'images', e.g. [42]"),
+    ("unknown_category", "results.json: 2 result(s) name a category_id that {gt} lacks in 'categories', e.g. [7]"),
+    ("no_images_key", "{gt}: no 'images' list"),
+    ("malformed", "results.json: not valid json"),
+    ("missing_field", "results.json: result 0 lacks ['score']"),
+])
+def test_bad_inputs_get_one_line_naming_the_file_and_the_id(tool, tmp_path, capsys, case, message):
+    gt = dict(coco_cases.COCO_GT)
+    results = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "score": 0.9}]
+    if case == "unknown_image":
+        results.append({**results[0], "image_id": 42})
+    elif case == "unknown_category":
+        results += [{**results[0], "category_id": 7}] * 2
+    elif case == "no_images_key":
+        del gt["images"]
+    elif case == "missing_field":
+        del results[0]["score"]
+    (tmp_path / "coco_gt.json").write_text(json.dumps(gt))
+    (tmp_path / "results.json").write_text("[{" if case == "malformed" else json.dumps(results))
+    argv = ["--task", "coco", "--gt", str(tmp_path / "coco_gt.json"), "--predictions", str(tmp_path / "results.json")]
+    assert tool.cli(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("evaluate_predictions: error: "), err
+    assert message.format(gt=tmp_path / "coco_gt.json") in err[0], err[0]

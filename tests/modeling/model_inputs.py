@@ -1,10 +1,25 @@
-"""Real-photo inputs for model tests (scikit-image's CC0 sample photographs)."""
+"""Real-photo inputs for model tests (scikit-image's CC0 sample photographs) with prompts of the
+tiny config's tokenizer (the vendored GPT-2 BPE, 64 tokens)."""
+import functools
+
 import numpy as np
 import torch
 from PIL import Image
 from skimage import data
 
+from conftest import GPT2_DIR
 from detectron2.structures import Boxes, Instances
+from fiber_det.data.prompt import PromptBuilder
+from fiber_det.data.tokenization import build_tokenizer
+from fiber_det.data.training_prompts import grounding_prompt
+
+MAX_QUERY_LEN = 64  # MODEL.FIBER.TEXT.MAX_QUERY_LEN of configs/quick_schedules/FIBER-tiny.yaml
+
+
+@functools.lru_cache(maxsize=None)
+def builder() -> PromptBuilder:
+    """The prompt builder of the tiny config."""
+    return PromptBuilder(build_tokenizer(GPT2_DIR), max_length=MAX_QUERY_LEN)
 
 
 def photo(name: str, size_hw=None) -> torch.Tensor:
@@ -19,15 +34,23 @@ def photo(name: str, size_hw=None) -> torch.Tensor:
 
 
 def grounding_input(image, caption, boxes=None, spans=None, label_spans=None, **extra):
-    """A batched-input dict: training when ``boxes``/``spans`` are given, else inference."""
-    x = {"image": image, "caption": caption, "height": image.shape[1], "width": image.shape[2], **extra}
+    """A batched-input dict with one prompt of ``caption``.
+
+    With ``boxes`` and ``spans`` (one span list per box) it also carries training ``instances``;
+    the prompt's labels are then ``label_spans`` when given (so the same input also serves
+    inference), else the boxes' own span lists.
+    """
+    x = {"image": image, "height": image.shape[1], "width": image.shape[2], **extra}
+    prompt = builder().build(caption, label_spans) if label_spans is not None else None
     if boxes is not None:
+        sample = grounding_prompt(caption, spans)
+        training = builder().build(caption, sample.spans, training=True)
         inst = Instances(tuple(image.shape[1:]))
         inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-        inst.tokens_positive = spans
+        inst.gt_positive_map = training.positive_map(sample.box_labels, MAX_QUERY_LEN)
         x["instances"] = inst
-    if label_spans is not None:
-        x["label_spans"] = label_spans
+        prompt = prompt or training
+    x["prompts"] = (prompt or builder().build(caption),)
     return x
 
 

@@ -9,7 +9,7 @@ import torch
 from model_inputs import cat_input
 
 from conftest import tiny_model
-from fiber_det.checkpoint.parity import tolerance_for
+from fiber_det.checkpoint.parity import capture_intermediates, tolerance_for
 from fiber_det.modeling.postprocess import postprocess_image
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -23,12 +23,23 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def test_fixture_model_cpu_vs_cuda(fixture_v2, fixture_model, fixture_eval):
+def _run_with_intermediates(model, inp, device):
+    """(head outputs + "features" (P3-P7) + "tower" (DyHead), anchors) of the fixture inputs."""
+    store, hooks = capture_intermediates(model)
+    try:
+        with torch.no_grad():
+            out, anchors = model.run(*(inp[k].to(device) for k in ("images", "input_ids", "attention_mask")))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {**out, "features": store["features"], "tower": store["tower"]}, anchors
+
+
+def test_fixture_model_cpu_vs_cuda(fixture_v2, fixture_model):
     inp, oe = fixture_v2["inputs"], fixture_v2["outputs_eval"]
     gpu = copy.deepcopy(fixture_model).cuda().eval()
-    with torch.no_grad():
-        out, anchors = gpu.run(inp["images"].cuda(), inp["input_ids"].cuda(), inp["attention_mask"].cuda())
-    cpu, _ = fixture_eval
+    out, anchors = _run_with_intermediates(gpu, inp, "cuda")
+    cpu, _ = _run_with_intermediates(fixture_model, inp, "cpu")
     for key, group in (("features", "outputs_eval/fpn_features"), ("tower", "outputs_eval/dyhead_tower_features"),
                        ("box_deltas", "outputs_eval/head/bbox_reg"), ("centerness", "outputs_eval/head/centerness"),
                        ("token_logits", "outputs_eval/head/dot_product_logits")):
@@ -43,11 +54,10 @@ def test_fixture_model_cpu_vs_cuda(fixture_v2, fixture_model, fixture_eval):
 
 
 def test_tiny_model_cpu_vs_cuda():
-    cpu = tiny_model(seed=0).eval()
+    cpu = tiny_model(seed=0, MODEL__FIBER__ATSS__INFERENCE_TH=0.0).eval()
     for name, p in cpu.named_parameters():
         if "alpha_" in name:
             p.data.fill_(0.5)
-    cpu.score_threshold = 0.0
     gpu = copy.deepcopy(cpu).cuda()
     x = [cat_input(label_spans={1: [[0, 11]], 2: [[17, 27]]})]
     with torch.no_grad():

@@ -1,5 +1,7 @@
 """Invariances of the fusion model: text padding, batch composition, odd sizes, gradients,
 activation checkpointing, freezing (tiny config, real photos, fusion gates opened)."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,18 +19,22 @@ def _open_gates(model, value=0.5):
 
 
 @pytest.fixture(scope="module")
-def model():
-    m = _open_gates(tiny_model(seed=0)).eval()
-    m.score_threshold = 0.0
-    return m
+def template():
+    """Read-only: tests work on their own copy (``model``)."""
+    return _open_gates(tiny_model(seed=0, MODEL__FIBER__ATSS__INFERENCE_TH=0.0)).eval()
+
+
+@pytest.fixture
+def model(template):
+    return copy.deepcopy(template)
 
 
 def _run(model, inputs):
     images = model.preprocess_images(inputs)
-    tok = model.tokenize(inputs)
+    input_ids, attention_mask = model.text_inputs([x["prompts"][0] for x in inputs])
     with torch.no_grad():
-        out, anchors = model.run(images.tensor, tok["input_ids"], tok["attention_mask"])
-    return out, tok["attention_mask"]
+        out, anchors = model.run(images.tensor, input_ids, attention_mask)
+    return out, attention_mask
 
 
 def test_padded_captions_equal_running_alone(model):
@@ -55,11 +61,8 @@ def test_padded_captions_equal_running_alone(model):
 def test_pad_to_longest_equals_pad_to_max(model):
     x = [grounding_input(photo("coffee", (128, 192)), "a cup. a saucer. a spoon.", label_spans={1: [[2, 5]], 2: [[9, 15]]})]
     full, mask = _run(model, x)
-    model.pad_to_max = False
-    try:
-        short, short_mask = _run(model, x)
-    finally:
-        model.pad_to_max = True
+    model.pad_to_max = False  # the test's own copy
+    short, short_mask = _run(model, x)
     t = short_mask.shape[1]
     assert t < mask.shape[1]
     for lvl in range(5):
@@ -81,15 +84,20 @@ def test_batch_of_different_sizes(model):
     norm = (small["image"].float() - model.pixel_mean) / model.pixel_std
     canvas = ImageList.from_tensors([norm], 32).tensor
     canvas = F.pad(canvas, (0, 224 - canvas.shape[-1], 0, 160 - canvas.shape[-2]))
-    tok = model.tokenize([small])
     with torch.no_grad():
-        padded_alone, _ = model.run(canvas, tok["input_ids"], tok["attention_mask"])
-        own_canvas, _ = _run(model, [small])
+        padded_alone, _ = model.run(canvas, *model.text_inputs(small["prompts"]))
     for lvl in range(5):
         torch.testing.assert_close(batch["token_logits"][lvl][1], padded_alone["token_logits"][lvl][0], atol=1e-5, rtol=1e-5)
-    # on its own (smaller) canvas the result differs: the padding effect
+    # on its own (smaller) canvas the result differs: the padding effect (P5, read with a hook)
+    p5 = []
+    hook = model.backbone.register_forward_hook(lambda m, i, o: p5.append(o[0]["p5"]))
+    try:
+        own_canvas, _ = _run(model, [small])
+        _run(model, [big, small])
+    finally:
+        hook.remove()
     assert own_canvas["token_logits"][0].shape[1] < batch["token_logits"][0].shape[1]
-    assert not torch.allclose(own_canvas["features"][2][0], batch["features"][2][1][:, :4, :5], atol=1e-3)
+    assert not torch.allclose(p5[0][0], p5[1][1][:, :4, :5], atol=1e-3)
 
 
 @pytest.mark.parametrize("size", [(200, 249), (97, 131)])
@@ -98,11 +106,8 @@ def test_odd_sizes_run(model, size):
     with torch.no_grad():
         out = model([x])[0]["instances"]
     assert out.image_size == size and len(out) > 0
-    model.train()
-    try:
-        losses = model([x])
-    finally:
-        model.eval()
+    model.train()  # the test's own copy
+    losses = model([x])
     assert all(torch.isfinite(v) for v in losses.values())
 
 
@@ -126,11 +131,10 @@ def test_gradients_reach_both_towers():
 
 
 def test_no_fusion_gives_independent_towers():
-    m = tiny_model(seed=0, MODEL__FIBER__FUSION__NUM_LAYERS=0)
+    m = tiny_model(seed=0, MODEL__FIBER__FUSION__NUM_LAYERS=0, MODEL__FIBER__ATSS__INFERENCE_TH=0.0)
     names = [n for n, _ in m.named_parameters()]
     assert not [n for n in names if "i2t" in n or "t2i" in n]
     m.eval()
-    m.score_threshold = 0.0
     with torch.no_grad():
         assert len(m([grounding_input(photo("chelsea", (128, 192)), "a cat", label_spans={1: [[2, 5]]})])[0]["instances"]) > 0
 

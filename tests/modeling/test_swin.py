@@ -7,7 +7,7 @@ from fiber_det.modeling.backbone.swin import SwinTransformer
 
 # parameters of the upstream ImageNet classifiers (swin_tiny/small_patch4_window7_224,
 # swin_base_patch4_window12_384 as FIBER uses), minus the 1000-class head; with out_indices=(3,)
-# our norm3 stands where their final norm is. Swin-B here = spec §1's "Swin body 86.88 M".
+# our norm3 stands where their final norm is. Swin-B here = the official FIBER-B Swin body (86.88 M).
 UPSTREAM_BODY_PARAMS = {"T": 28_288_354 - 769_000, "S": 49_606_258 - 769_000, "B": 87_903_584 - 1_025_000}
 
 

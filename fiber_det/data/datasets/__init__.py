@@ -1,4 +1,4 @@
-"""Dataset registration (spec §7.4, §8): COCO / LVIS / Objects365 / ODinW detection jsons,
+"""Dataset registration: COCO / LVIS / Objects365 / ODinW detection jsons,
 MDETR-style grounding jsons (Flickr30k Entities, RefCOCO/+/g, GoldG) and image-caption sets
 (Karpathy jsons, the official Arrow files, JSON-lines) as Detectron2 datasets.
 

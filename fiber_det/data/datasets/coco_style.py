@@ -2,8 +2,8 @@
 
 Each image becomes one dict of the detection contract (``task="detection"``; boxes XYWH_ABS as in
 the json; ``category_id`` a 0-based contiguous index into ``metadata.thing_classes``). Contiguous
-ids follow the order of the json's ``categories`` list, as upstream's grounding datasets do
-(spec §7.2); for COCO, LVIS and Objects365 that list is sorted by id, so it equals Detectron2's
+ids follow the order of the json's ``categories`` list, as upstream's grounding datasets do;
+for COCO, LVIS and Objects365 that list is sorted by id, so it equals Detectron2's
 sorted-id mapping.
 
 We parse the json ourselves rather than with Detectron2's ``load_coco_json`` / ``load_lvis_json``:
@@ -172,7 +172,8 @@ def _ann_id(ann) -> object:
 
 
 def _kept_categories(data: dict, json_file: str, drop_background: bool) -> List[dict]:
-    """The json's categories in list order, minus the background entry (spec §8.5).
+    """The json's categories in list order, minus the background entry (upstream removes it from
+    ODinW jsons).
 
     Dropped with ``drop_background``: categories named "background"/"__background__", and a
     category with id 0 that no annotation uses (Roboflow/ODinW exports put the dataset-level
@@ -369,7 +370,7 @@ def register_coco_grounding_dataset(
     readme_section: str = CUSTOM_DETECTION_SECTION,
     **metadata,
 ) -> None:
-    """Registers a COCO-format detection json, used through category prompts (spec §7.2, §8.5).
+    """Registers a COCO-format detection json, used through category prompts.
 
     Lazy, as :func:`register_json_dataset`: nothing is read until the dataset is loaded.
 
@@ -379,8 +380,9 @@ def register_coco_grounding_dataset(
             ``annotations_without_background.json``).
         image_root: folder the json's image paths are relative to.
         evaluator_type: "coco" or "lvis" for evaluation sets (see :data:`EVALUATOR_TYPES`).
-        prompt_mode: "all_categories" (COCO, ODinW: every class in every prompt, spec §7.2 (a)) or
-            "sampled_negatives" (LVIS train, Objects365: positives + sampled negatives, §7.2 (b)).
+        prompt_mode: "all_categories" (COCO, ODinW: every class in every prompt) or
+            "sampled_negatives" (LVIS train, Objects365: positives + sampled negatives), see
+            :mod:`fiber_det.data.training_prompts`.
         caption_prompt: optional ``{"prefix", "name", "suffix"}`` per class, in contiguous order
             (ODinW's ``CAPTION_PROMPT``); its length is checked against the json at load time.
         drop_background: remove a "background" category or an unused id-0 category.

@@ -1,11 +1,13 @@
 """MDETR-style grounding jsons (Flickr30k Entities, RefCOCO/+/g, GoldG) as FIBER dataset dicts.
 
-The files are COCO-style with one ``images`` entry per (image, caption) pair (spec §7.4). Each
+The files are COCO-style with one ``images`` entry per (image, caption) pair (datasets/README.md
+lists the fields of each release). Each
 entry becomes one dict of the grounding contract: the ``caption`` verbatim, one annotation per box
 with its raw ``category_id`` and character spans ``tokens_positive``, and ``tokens_positive_eval``
 (one span list per evaluated phrase, in sentence order): the entry's own field when the json has
-it (Flickr30k), else one phrase per distinct annotation span list in order of first appearance
-(RefCOCO: the single annotation's spans). The image fields ``dataset_name``, ``sentence_id``,
+it (Flickr30k), else :func:`fiber_det.data.prompt.grounding_phrases` of the annotations (one
+phrase per distinct span list in order of first appearance; RefCOCO: the single annotation's
+spans). The image fields ``dataset_name``, ``sentence_id``,
 ``original_img_id``, ``original_id``, ``data_source`` and ``tokens_negative`` pass through.
 """
 import os
@@ -13,6 +15,7 @@ from typing import List, Optional
 
 from detectron2.structures import BoxMode
 
+from ..prompt import grounding_phrases
 from .coco_style import (
     annotations_by_image,
     check_registration,
@@ -75,19 +78,9 @@ def _grounding_annotations(anns: List[dict], caption: str, json_file: str) -> Li
     return out
 
 
-def _phrases_from_annotations(annotations: List[dict]) -> List[List[Span]]:
-    """One phrase per distinct non-empty span list, in order of first appearance."""
-    phrases: List[List[Span]] = []
-    for ann in annotations:
-        spans = ann["tokens_positive"]
-        if spans and spans not in phrases:
-            phrases.append([list(s) for s in spans])
-    return phrases
-
-
 def _tokens_positive_eval(img: dict, caption: str, annotations: List[dict], where: str) -> List[List[Span]]:
     if "tokens_positive_eval" not in img:
-        return _phrases_from_annotations(annotations)
+        return grounding_phrases({"annotations": annotations})
     value = img["tokens_positive_eval"]
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"{where}: 'tokens_positive_eval' must be a list of span lists, got {value!r}")
@@ -169,7 +162,7 @@ def register_mdetr_grounding_dataset(
     readme_section: str = CUSTOM_GROUNDING_SECTION,
     **metadata,
 ) -> None:
-    """Registers an MDETR-style grounding json (captions used verbatim, spec §7.2 (c)).
+    """Registers an MDETR-style grounding json (captions used verbatim, as upstream trains on them).
 
     Lazy, as :func:`~.coco_style.register_json_dataset`: nothing is read until the dataset is loaded.
 

@@ -24,6 +24,7 @@ from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ...utils.paths import REPO_ROOT
+from ..image_io import image_size
 from .coco_style import load_coco_detection_json
 from .mdetr import load_mdetr_grounding_json
 
@@ -51,7 +52,8 @@ def _named(*items: Tuple[str, Box]) -> Tuple[Phrase, ...]:
     return tuple(Phrase(name, name, (box,)) for name, box in items)
 
 
-# xyxy in original pixels (the table of /work/shared/docs/assets.md, chelsea drawn here).
+# xyxy in original pixels, drawn by hand and checked by drawing them on each photo (the quokka's
+# is the box of imgaug's quokka_annotations.json); datasets/real_photos/README.md lists the sources.
 PHOTOS: Tuple[Photo, ...] = (
     Photo("coffee.jpg", "vendored", "cup. saucer. spoon.",
           _named(("cup", (172, 16, 410, 306)), ("saucer", (76, 74, 480, 390)), ("spoon", (324, 64, 426, 326)))),
@@ -102,8 +104,7 @@ def real_photo_jsons(images_dir: Union[str, Path]) -> Tuple[dict, dict]:
         path = Path(images_dir) / photo.file_name
         if not path.is_file():
             continue
-        with Image.open(path) as image:
-            width, height = image.size
+        height, width = image_size(path)  # as the image reader returns it (EXIF orientation applied)
         phrase_spans = _spans(photo)
         images.append({"file_name": photo.file_name, "height": height, "width": width, "id": index,
                        "caption": photo.caption, "dataset_name": "real_photos", "sentence_id": 0,

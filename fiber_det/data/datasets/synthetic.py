@@ -18,7 +18,7 @@ Annotations of both jsons also carry the object's ``color`` and ``size`` words; 
 the same in both jsons of a split (one caption per image).
 
 Relations ("left of", "above", ...) hold in the image as drawn. A horizontal flip in training does
-not rewrite captions (spec §7.1), which only makes a "left of"/"right of" word wrong: no phrase
+not rewrite captions (the official flip leaves the text alone), which only makes a "left of"/"right of" word wrong: no phrase
 needs the relation to be found, so grounding targets stay correct.
 
 Registered names (at import, for :func:`default_root`): ``synthetic_grounding_{train,val}``

@@ -1,7 +1,7 @@
 """Anchors, box coder and ATSS assignment in the legacy maskrcnn_benchmark "+1" geometry.
 
 Detectron2's DefaultAnchorGenerator / Box2BoxTransform measure widths as x2 - x1 and centre
-anchors differently, so they cannot reproduce FIBER (spec §4.6, §4.7, §5.2). Boxes are
+anchors differently, so they cannot reproduce FIBER. Boxes are
 (x1, y1, x2, y2) in pixels of the resized image; a box's width is x2 - x1 + 1.
 """
 import math
@@ -46,7 +46,7 @@ def generate_cell_anchors(stride: int, sizes: Sequence[float], aspect_ratios: Se
 
 
 class LegacyAnchorGenerator(nn.Module):
-    """Anchors per FPN level, enumerated y-major, then x, then cell anchor (spec §4.6).
+    """Anchors per FPN level, enumerated y-major, then x, then cell anchor (upstream's order).
 
     Attributes:
         cell_anchors: buffers ``cell_anchors.{l}`` (A, 4), regenerated (never loaded).
@@ -69,10 +69,6 @@ class LegacyAnchorGenerator(nn.Module):
         """(stride, sizes, aspect ratios) per level (what checkpoint conversion checks against)."""
         return tuple((s, sz, self.aspect_ratios) for s, sz in zip(self.strides, self.sizes))
 
-    @property
-    def num_anchors_per_location(self) -> int:
-        return getattr(self.cell_anchors, "0").shape[0]
-
     def forward(self, grid_sizes: List[Tuple[int, int]]) -> List[torch.Tensor]:
         """[(H_l, W_l)] -> [(H_l * W_l * A, 4)] float32 anchors."""
         out = []
@@ -89,7 +85,7 @@ class LegacyAnchorGenerator(nn.Module):
 
 
 class LegacyBoxCoder:
-    """Anchor-relative deltas with weights (10, 10, 5, 5) and "+1" widths (spec §4.7)."""
+    """Anchor-relative deltas with weights (10, 10, 5, 5) and "+1" widths (upstream's BoxCoder)."""
 
     def __init__(self, weights=(10.0, 10.0, 5.0, 5.0), clip=math.log(1000.0 / 16)):
         self.weights = weights
@@ -97,13 +93,12 @@ class LegacyBoxCoder:
 
     def encode(self, gt: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
         """(N, 4) boxes, (N, 4) anchors -> (N, 4) deltas."""
-        one = 1
-        aw = anchors[:, 2] - anchors[:, 0] + one
-        ah = anchors[:, 3] - anchors[:, 1] + one
+        aw = anchors[:, 2] - anchors[:, 0] + 1
+        ah = anchors[:, 3] - anchors[:, 1] + 1
         ax = (anchors[:, 2] + anchors[:, 0]) / 2
         ay = (anchors[:, 3] + anchors[:, 1]) / 2
-        gw = gt[:, 2] - gt[:, 0] + one
-        gh = gt[:, 3] - gt[:, 1] + one
+        gw = gt[:, 2] - gt[:, 0] + 1
+        gh = gt[:, 3] - gt[:, 1] + 1
         gx = (gt[:, 2] + gt[:, 0]) / 2
         gy = (gt[:, 3] + gt[:, 1]) / 2
         wx, wy, ww, wh = self.weights
@@ -114,9 +109,8 @@ class LegacyBoxCoder:
     def decode(self, deltas: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
         """(N, 4) deltas, (N, 4) anchors -> (N, 4) boxes."""
         anchors = anchors.to(deltas.dtype)
-        one = 1
-        w = anchors[:, 2] - anchors[:, 0] + one
-        h = anchors[:, 3] - anchors[:, 1] + one
+        w = anchors[:, 2] - anchors[:, 0] + 1
+        h = anchors[:, 3] - anchors[:, 1] + 1
         cx = (anchors[:, 2] + anchors[:, 0]) / 2
         cy = (anchors[:, 3] + anchors[:, 1]) / 2
         wx, wy, ww, wh = self.weights
@@ -147,7 +141,9 @@ def legacy_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def atss_assign(anchors_per_level: List[torch.Tensor], gt_boxes: torch.Tensor, topk: int):
-    """ATSS positive selection for one image (spec §5.2).
+    """ATSS positive selection for one image, as upstream: per level the ``topk`` anchors closest
+    to each GT centre are candidates; those with IoU >= mean + std (unbiased) of the candidates'
+    IoUs and a centre strictly inside the GT are positive.
 
     Args:
         anchors_per_level: [(A_l, 4)] anchors; gt_boxes: (G, 4); topk: candidates per level and GT

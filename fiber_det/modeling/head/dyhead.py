@@ -1,4 +1,4 @@
-"""DyHead tower: scale-, spatial- and task-aware attention over the P3-P7 pyramid (spec §4.2-4.4).
+"""DyHead tower: scale-, spatial- and task-aware attention over the P3-P7 pyramid.
 
 Modulated deformable convolution runs through ``torchvision.ops.deform_conv2d`` (CPU and CUDA,
 DCNv2 math, the kernel Detectron2 also ships) and always in fp32, as upstream.
@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import DeformConv2d
+
+from ...utils.deform_conv import nan_safe_offsets
 
 __all__ = ["DyHeadTower", "DyConv", "DyReLU", "HSigmoid"]
 
@@ -35,7 +37,8 @@ class ModulatedDeformConv3x3(DeformConv2d):
     def forward(self, x, offset, mask):
         """x (B, C_in, H, W), offset (B, 18, H_o, W_o) as (dy, dx) per tap, mask (B, 9, H_o, W_o)."""
         with torch.autocast(x.device.type, enabled=False):
-            return super().forward(x.float(), offset.float(), mask.float())
+            offset, nan = nan_safe_offsets(offset.float())  # NaN offsets crash torchvision's kernel
+            return super().forward(x.float(), offset, mask.float()) + nan
 
 
 class Conv3x3Norm(nn.Module):
@@ -58,7 +61,8 @@ class Conv3x3Norm(nn.Module):
 
 class DyReLU(nn.Module):
     """Dynamic ReLU (K=2 with bias, no spatial branch): max(x·a1 + b1, x·a2 + b2) with
-    per-image, per-channel coefficients from the globally pooled input (spec §4.4)."""
+    per-image, per-channel coefficients from the globally pooled input (upstream's
+    configuration: reduction 4, K2 with bias, no spatial attention)."""
 
     def __init__(self, channels: int, reduction: int = 4):
         super().__init__()
@@ -83,7 +87,7 @@ class DyReLU(nn.Module):
 
 
 def reinterpret_for_coarser(offset: torch.Tensor, mask: torch.Tensor, h: int, w: int):
-    """Upstream quirk (spec §4.2 step 3), reproduced because released weights depend on it.
+    """Upstream quirk of the coarser-level term, reproduced because released weights depend on it.
 
     The coarser-level term convolves the (h, w) map of level l+1 with level l's offsets. The
     official CUDA op does no shape check and reads the first 18·h·w (9·h·w) values of each

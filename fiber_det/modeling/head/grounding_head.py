@@ -1,4 +1,4 @@
-"""Region-word alignment head: DyHead tower, box deltas, centerness and token logits (spec §4.5).
+"""Region-word alignment head: DyHead tower, box deltas, centerness and token logits.
 
 Parameter names are upstream's (``dyhead_tower``, ``bbox_pred``, ``centerness``, ``scales``,
 ``dot_product_projection_text``, ``log_scale``, ``bias_lang``, ``bias0``). The vestigial
@@ -16,7 +16,13 @@ from detectron2.config import configurable
 
 from .dyhead import DyHeadTower
 
-__all__ = ["FiberHead", "Scale"]
+__all__ = ["FiberHead", "Scale", "flatten_level_outputs"]
+
+
+def flatten_level_outputs(per_level: List[torch.Tensor]) -> torch.Tensor:
+    """[(B, K, H_l, W_l)] head maps -> (B, sum_l H_l·W_l, K): anchors in (y, x) row-major order,
+    levels in order, the anchor order of the token logits and of the anchor generator."""
+    return torch.cat([x.flatten(2).transpose(1, 2) for x in per_level], dim=1)
 
 
 class Scale(nn.Module):
@@ -37,9 +43,9 @@ class FiberHead(nn.Module):
     with pads zeroed) returns a dict of per-level lists:
         "box_deltas": (B, 4, H_l, W_l) in box-coder units, already multiplied by ``scales[l]``;
         "centerness": (B, 1, H_l, W_l) logits;
-        "token_logits": (B, H_l·W_l, T), anchors in (y, x) row-major order;
-        "tower": (B, C, H_l, W_l) DyHead outputs;
-    and "proj_tokens": (B, T, C) projected token features.
+        "token_logits": (B, H_l·W_l, T), anchors in (y, x) row-major order.
+    Intermediate tensors (the DyHead tower's outputs, the projected tokens) are read with forward
+    hooks on ``dyhead_tower`` and ``dot_product_projection_text``.
     """
 
     @configurable
@@ -86,11 +92,11 @@ class FiberHead(nn.Module):
         bias = torch.matmul(e, self.bias_lang) + self.bias0
         return proj, bias
 
-    def forward(self, features: List[torch.Tensor], embedded: torch.Tensor) -> Dict[str, object]:
-        tower = list(self.dyhead_tower(features))
+    def forward(self, features: List[torch.Tensor], embedded: torch.Tensor) -> Dict[str, List[torch.Tensor]]:
+        tower = self.dyhead_tower(features)
         proj, bias = self.token_features(embedded)
         temperature = self.log_scale.exp()
-        out = {"box_deltas": [], "centerness": [], "token_logits": [], "tower": tower, "proj_tokens": proj}
+        out = {"box_deltas": [], "centerness": [], "token_logits": []}
         for level, z in enumerate(tower):
             out["box_deltas"].append(self.scales[level](self.bbox_pred(z)))
             out["centerness"].append(self.centerness(z))

@@ -1,4 +1,4 @@
-"""ATSS training targets and FIBER's losses: token focal loss, GIoU and centerness (spec §5).
+"""ATSS training targets and FIBER's losses: token focal loss, GIoU and centerness.
 
 All loss math runs in fp32 (upstream ``custom_fwd(cast_inputs=float32)``). Normalisers are
 averaged over processes so the objective is (global sum) / (global count), as upstream.
@@ -14,8 +14,9 @@ from detectron2.config import configurable
 from detectron2.utils import comm
 
 from .atss import LegacyBoxCoder, atss_assign
+from .grounding_head import flatten_level_outputs
 
-__all__ = ["FiberLoss", "flatten_level_outputs"]
+__all__ = ["FiberLoss"]
 
 
 def _reduce_mean(value: torch.Tensor) -> float:
@@ -25,11 +26,6 @@ def _reduce_mean(value: torch.Tensor) -> float:
         value = value.clone()
         dist.all_reduce(value)
     return value.item() / world
-
-
-def flatten_level_outputs(per_level: List[torch.Tensor]) -> torch.Tensor:
-    """[(B, K, H_l, W_l)] -> (B, sum_l H_l·W_l, K), anchors (y, x) row-major, levels in order."""
-    return torch.cat([x.flatten(2).transpose(1, 2) for x in per_level], dim=1)
 
 
 class FiberLoss:

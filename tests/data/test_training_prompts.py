@@ -1,5 +1,5 @@
-"""Training captions of spec §7.2 and the LVIS-style chunking, with the real GPT-2 BPE and BERT
-WordPiece tokenizers (fixtures ``gpt2`` / ``bert``)."""
+"""Training captions (all categories, sampled negatives, grounding) with the real GPT-2 BPE and
+BERT WordPiece tokenizers (fixtures ``gpt2`` / ``bert``)."""
 import doctest
 import random
 
@@ -8,8 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fiber_det.data import prompts, training_prompts
-from fiber_det.data.prompts import chunk_category_prompts, clean_name
+from fiber_det.data import training_prompts
+from fiber_det.data.captions import clean_name
+from fiber_det.data.prompt import PromptBuilder
 from fiber_det.data.training_prompts import (
     all_categories_prompt,
     check_for_positive_overflow,
@@ -29,11 +30,10 @@ def _length(tokenizer, caption):
 
 
 def _check_spans(prompt, names, box_labels):
-    """Every kept box's spans cover exactly its cleaned category name in the caption."""
-    for i, spans in zip(prompt.kept, prompt.tokens_positive):
-        ((start, end),) = spans
-        assert prompt.caption[start:end] == clean_name(names[box_labels[i] - 1])
-    for label, ((start, end),) in prompt.label_spans.items():
+    """Every kept box keeps its category label, and every label's span covers exactly its
+    cleaned category name in the caption."""
+    assert prompt.box_labels == [box_labels[i] for i in prompt.kept]
+    for label, ((start, end),) in prompt.spans.items():
         assert prompt.caption[start:end] == clean_name(names[label - 1])
 
 
@@ -48,7 +48,7 @@ def test_all_categories_shuffles_reproducibly(make_rng):
     assert len(captions) > 1  # order changes with the seed ...
     again = all_categories_prompt(NAMES, labels, make_rng(3))
     assert again == all_categories_prompt(NAMES, labels, make_rng(3))  # ... reproducibly
-    assert again.kept == [0, 1, 2] and set(again.label_spans) == set(range(1, 9))
+    assert again.kept == [0, 1, 2] and set(again.spans) == set(range(1, 9))
     _check_spans(again, NAMES, labels)
     assert not again.caption.endswith(". ")
 
@@ -56,11 +56,11 @@ def test_all_categories_shuffles_reproducibly(make_rng):
 def test_all_categories_without_shuffle_is_sorted_and_takes_caption_prompt():
     prompt = all_categories_prompt(NAMES, [3], None, shuffle=False)
     assert prompt.caption == "person. bicycle. traffic light. bow . cup. saucer. spoon. zebra"
-    assert prompt.tokens_positive == [[[17, 30]]]
+    assert prompt.box_labels == [3] and prompt.spans[3] == [[17, 30]]
     wrapped = [{"prefix": "a ", "suffix": " here"}, {"name": "bike"}]
     prompt = all_categories_prompt(["person", "bicycle"], [2, 1], None, shuffle=False, caption_prompt=wrapped)
     assert prompt.caption == "a person here. bike"
-    assert prompt.tokens_positive == [[[15, 19]], [[2, 8]]]
+    assert prompt.spans == {1: [[2, 8]], 2: [[15, 19]]} and prompt.box_labels == [2, 1]
 
 
 def test_all_categories_errors():
@@ -102,11 +102,11 @@ def test_sampled_negatives_keeps_fitting_positives_and_drops_overflow_boxes(gpt2
     box_labels = [l for l in range(1, 61) for _ in range(2)]  # 60 positive classes, 2 boxes each
     seed = 7
     fitted, _ = check_for_positive_overflow(names, box_labels, gpt2, random.Random(seed), 254)
-    prompt = sampled_negatives_prompt(names, box_labels, gpt2, random.Random(seed), max_negatives=85)
-    assert set(fitted) <= set(prompt.label_spans)  # every positive that fits is named
+    prompt = sampled_negatives_prompt(names, box_labels, PromptBuilder(gpt2), random.Random(seed), max_negatives=85)
+    assert set(fitted) <= set(prompt.spans)  # every positive that fits is named
     assert [box_labels[i] for i in prompt.kept] == [l for l in box_labels if l in set(fitted)]
     assert len(prompt.kept) < len(box_labels)  # overflow boxes dropped
-    assert set(prompt.label_spans) - set(box_labels) == set()  # no negative fits after an overflow
+    assert set(prompt.spans) - set(box_labels) == set()  # no negative fits after an overflow
     assert _length(gpt2, prompt.caption) <= 256
     _check_spans(prompt, names, box_labels)
 
@@ -115,23 +115,25 @@ def test_sampled_negatives_budget_and_exclusion(bert):
     names = [f"thing{i}" for i in range(1, 201)]
     box_labels = [3, 3, 17]
     counts = name_token_counts(names, bert)
-    prompt = sampled_negatives_prompt(names, box_labels, bert, random.Random(0), max_query_len=40, max_negatives=85)
-    labels = set(prompt.label_spans)
+    prompt = sampled_negatives_prompt(names, box_labels, PromptBuilder(bert, max_length=40), random.Random(0),
+                                      max_negatives=85)
+    labels = set(prompt.spans)
     assert {3, 17} <= labels and prompt.kept == [0, 1, 2]
     assert sum(counts[l] for l in labels) < 40 - 2  # the remaining budget stayed > 0
     assert len(labels) > 5 and _length(bert, prompt.caption) <= 40
     # "all MAX_NEGATIVES" with a budget that is never hit: exactly 85 negatives minus drawn positives
-    big = sampled_negatives_prompt(names, box_labels, bert, random.Random(0), max_query_len=100000)
-    assert 83 <= len(big.label_spans) - 2 <= 85
-    none = sampled_negatives_prompt(names, box_labels, bert, random.Random(0), control_prob=[0, 1, 0, 0])
-    assert set(none.label_spans) == {3, 17}
-    one = sampled_negatives_prompt(names, box_labels, bert, random.Random(0), control_prob=[1, 0, 0, 0])
-    assert len(set(one.label_spans) - {3, 17}) <= 1
+    big = sampled_negatives_prompt(names, box_labels, PromptBuilder(bert, max_length=100000), random.Random(0))
+    assert 83 <= len(big.spans) - 2 <= 85
+    builder = PromptBuilder(bert)
+    none = sampled_negatives_prompt(names, box_labels, builder, random.Random(0), control_prob=[0, 1, 0, 0])
+    assert set(none.spans) == {3, 17}
+    one = sampled_negatives_prompt(names, box_labels, builder, random.Random(0), control_prob=[1, 0, 0, 0])
+    assert len(set(one.spans) - {3, 17}) <= 1
 
 
 def test_image_without_boxes_still_gets_a_caption(gpt2):
-    prompt = sampled_negatives_prompt(NAMES, [], gpt2, random.Random(0), control_prob=[0, 1, 0, 0])
-    assert len(prompt.label_spans) == 1 and prompt.kept == [] and prompt.caption.strip()
+    prompt = sampled_negatives_prompt(NAMES, [], PromptBuilder(gpt2), random.Random(0), control_prob=[0, 1, 0, 0])
+    assert len(prompt.spans) == 1 and prompt.kept == [] and prompt.caption.strip()
 
 
 @given(
@@ -146,15 +148,15 @@ def test_no_sampled_prompt_exceeds_the_budget(gpt2, bert, names, data, max_query
     control = data.draw(st.sampled_from([(0, 0, 1, 0), (0.3, 0.3, 0.2, 0), (0, 0, 0, 0)]))
     for tokenizer in (gpt2, bert):
         try:
-            prompt = sampled_negatives_prompt(names, box_labels, tokenizer, random.Random(seed), max_query_len,
-                                              85, control)
+            builder = PromptBuilder(tokenizer, max_length=max_query_len)
+            prompt = sampled_negatives_prompt(names, box_labels, builder, random.Random(seed), 85, control)
         except ValueError as e:  # only when a single name cannot fit at all
             assert "alone exceeds" in str(e) or "no category name fits" in str(e)
             continue
         assert _length(tokenizer, prompt.caption) <= max_query_len
-        assert all(box_labels[i] in prompt.label_spans for i in prompt.kept)
+        assert all(box_labels[i] in prompt.spans for i in prompt.kept)
         dropped = set(range(len(box_labels))) - set(prompt.kept)
-        assert all(box_labels[i] not in prompt.label_spans for i in dropped)
+        assert all(box_labels[i] not in prompt.spans for i in dropped)
         _check_spans(prompt, names, box_labels)
 
 
@@ -163,7 +165,7 @@ def test_no_sampled_prompt_exceeds_the_budget(gpt2, bert, names, data, max_query
 def test_all_categories_prompt_names_every_category_once(names, data):
     box_labels = data.draw(st.lists(st.integers(1, len(names)), max_size=10))
     prompt = all_categories_prompt(names, box_labels, random.Random(data.draw(st.integers(0, 99))))
-    assert sorted(prompt.label_spans) == list(range(1, len(names) + 1))
+    assert sorted(prompt.spans) == list(range(1, len(names) + 1))
     assert prompt.kept == list(range(len(box_labels)))
     _check_spans(prompt, names, box_labels)
 
@@ -189,48 +191,16 @@ def test_negative_count_modes():
 
 def test_grounding_caption_verbatim_and_checked():
     caption = "A man in a blue shirt ."
-    prompt = grounding_prompt(caption, [[[0, 5]], [[9, 21], [0, 5]], []])
-    assert prompt.caption == caption and prompt.kept == [0, 1, 2]
-    assert prompt.tokens_positive[1] == [[9, 21], [0, 5]] and prompt.tokens_positive[2] == []
-    with pytest.raises(ValueError, match="box 1: bad tokens_positive"):
+    prompt = grounding_prompt(caption, [[[0, 5]], [[9, 21], [0, 5]], [], [[0, 5]]])
+    assert prompt.caption == caption and prompt.kept == [0, 1, 2, 3]
+    # boxes with the same spans share a label; a box without span gets one of its own (no token)
+    assert prompt.spans == {1: [[0, 5]], 2: [[9, 21], [0, 5]], 3: []} and prompt.box_labels == [1, 2, 3, 1]
+    with pytest.raises(ValueError, match="box 1: bad caption spans"):
         grounding_prompt(caption, [[[0, 5]], [[20, 40]]])
     with pytest.raises(ValueError, match="empty"):
         grounding_prompt("  ", [])
 
 
-# ---------------------------------------------------------------------------------------------
-# LVIS-style chunking (test prompts)
-
-
-@given(
-    names=st.lists(WORD, min_size=1, max_size=200),
-    chunk_size=st.sampled_from([0, 7, 40]),
-    max_tokens=st.sampled_from([48, 256]),
-)
-@HYPOTHESIS
-def test_chunking_covers_every_category_once_within_budget(gpt2, names, chunk_size, max_tokens):
-    ids = sorted(random.Random(len(names)).sample(range(1, 5000), len(names)))  # LVIS-like sparse ids
-    vocabulary = dict(zip(reversed(ids), reversed(names)))  # unsorted mapping on purpose
-    chunks = chunk_category_prompts(vocabulary, gpt2, chunk_size, max_tokens)
-    order = [label for chunk in chunks for label in chunk["label_spans"]]
-    assert order == ids  # every label exactly once, sorted, labels kept global
-    for chunk in chunks:
-        assert _length(gpt2, chunk["caption"]) <= max_tokens
-        if chunk_size:
-            assert len(chunk["label_spans"]) <= chunk_size
-        for label, ((start, end),) in chunk["label_spans"].items():
-            assert chunk["caption"][start:end] == clean_name(vocabulary[label])
-            assert chunk["label_names"][label] == vocabulary[label]
-
-
-def test_lvis_sized_vocabulary_gives_31_chunks(gpt2):
-    names = {i: f"cat_{i}_(x)" for i in range(1, 1204)}
-    chunks = chunk_category_prompts(names, gpt2, chunk_size=40)
-    assert len(chunks) == 31 and list(chunks[0]["label_spans"]) == list(range(1, 41))
-    assert list(chunks[-1]["label_spans"]) == list(range(1201, 1204))
-
-
 def test_docstring_examples_run():
-    for module in (prompts, training_prompts):
-        results = doctest.testmod(module)
-        assert results.attempted >= 4 and results.failed == 0, module.__name__
+    results = doctest.testmod(training_prompts)
+    assert results.attempted >= 4 and results.failed == 0
