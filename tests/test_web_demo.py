@@ -128,21 +128,30 @@ def test_browser_upload_detect_and_bad_file(server, tmp_path):
 
 
 def test_bad_uploads_give_messages(demo, tmp_path):
-    """Not an image, 16-bit, too many pixels, an empty prompt: a message each, no exception."""
+    """Not an image, floating point, too many pixels, an empty prompt: a message each, no exception."""
     text = tmp_path / "a.png"
     text.write_text("hello")
-    deep = tmp_path / "deep.png"
-    Image.fromarray(np.full((20, 30), 40000, dtype=np.uint16)).save(deep)
+    floating = tmp_path / "float.tif"
+    Image.fromarray(np.full((20, 30), 0.5, dtype=np.float32)).save(floating)
     huge = tmp_path / "huge.png"
     Image.new("RGB", (1200, 1000)).save(huge)  # 1.2 MP > the 1 MP limit of this fixture
-    for path, expected in [(text, "not an image file"), (deep, "16-bit"), (huge, "above the 1 MP limit")]:
+    for path, expected in [(text, "not an image file"), (floating, "float.tif"), (huge, "above the 1 MP limit")]:
         image, rows, json_file, status, state = demo.detect(str(path), "class names", "cup.", "", 0.3)
         assert image is None and rows == [] and state is None and expected in status, status
+        assert "Traceback" not in status
         assert demo.preview(str(path))[0] is None and expected in demo.preview(str(path))[1]
     status = demo.detect(str(PHOTO), "class names", "  ", "", 0.3)[3]
     assert "type class names" in status
     status = demo.detect(str(PHOTO), "caption", "a cup on a saucer", "a spoon", 0.3)[3]
     assert "'a spoon'" in status and "Traceback" not in status
+
+
+def test_16_bit_upload_runs_with_a_note(demo, tmp_path):
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.full((40, 60), 40000, dtype=np.uint16)).save(deep)
+    image, rows, _, status, _ = demo.detect(str(deep), "class names", "cup.", "", 0.3)
+    assert rows and "16-bit" in status, status
+    assert image.shape[:2] == (40, 60) and demo.preview(str(deep))[0][0, 0, 0] == 40000 >> 8
 
 
 def test_detect_table_slider_and_json(demo):

@@ -47,11 +47,10 @@ from torch import nn  # noqa: E402
 
 import fiber_det  # noqa: E402,F401  (compat fixes, registers the model)
 from detectron2.config import get_cfg  # noqa: E402
-from detectron2.data import detection_utils  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from fiber_det.config import add_fiber_config  # noqa: E402
-from fiber_det.data.tokenization import tokenize_captions  # noqa: E402
+from fiber_det.data.image_io import read_image  # noqa: E402
 from fiber_det.data.transforms import build_transforms  # noqa: E402
 from fiber_det.modeling.head.losses import flatten_level_outputs  # noqa: E402
 from fiber_det.predictor import FIBERPredictor  # noqa: E402
@@ -96,7 +95,7 @@ class GroundingGraph(nn.Module):
         centerness = flatten_level_outputs(outputs["centerness"])[:, :, 0]
         token_logits = torch.cat(outputs["token_logits"], dim=1)
         # traced as Shape ops, so the sizes follow the input size
-        level_sizes = torch.stack([torch._shape_as_tensor(f)[-2:] for f in outputs["features"]])
+        level_sizes = torch.stack([torch._shape_as_tensor(c)[-2:] for c in outputs["centerness"]])
         return boxes, centerness, token_logits, level_sizes
 
 
@@ -148,16 +147,14 @@ def export_onnx(graph: GroundingGraph, example: Dict[str, torch.Tensor], output:
         )
 
 
-def graph_inputs(model, augmentations, image_path: str, caption: str) -> Dict[str, torch.Tensor]:
-    """The three graph inputs of one image file and one caption (unpadded token length)."""
-    bgr = detection_utils.read_image(image_path, format="BGR")
-    aug = T.AugInput(bgr)
+def graph_inputs(predictor: FIBERPredictor, augmentations, image_path: str, caption: str) -> Dict[str, torch.Tensor]:
+    """The three graph inputs of one image file and one caption (its own token length, no padding)."""
+    aug = T.AugInput(read_image(image_path, format="BGR"))
     augmentations(aug)
     tensor = torch.as_tensor(np.ascontiguousarray(aug.image.transpose(2, 0, 1)))
-    image = model.preprocess_images([{"image": tensor}]).tensor
-    tokens = tokenize_captions(model.tokenizer, [caption], model.max_query_len, pad_to_max_length=False)
-    return {"image": image, "input_ids": tokens["input_ids"].long(),
-            "attention_mask": tokens["attention_mask"].long()}
+    image = predictor.model.preprocess_images([{"image": tensor}]).tensor
+    input_ids = torch.tensor([predictor.prompt_builder.build(caption).input_ids], dtype=torch.int64)
+    return {"image": image, "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
 
 def check_with_onnxruntime(graph: GroundingGraph, path: str, cases: List[Dict[str, torch.Tensor]],
@@ -205,7 +202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     cases = []
     for image_path in CHECK_IMAGES:
         for caption in CHECK_PROMPTS:
-            case = graph_inputs(predictor.model, augmentations, str(REPO / image_path), caption)
+            case = graph_inputs(predictor, augmentations, str(REPO / image_path), caption)
             cases.append({**case, "name": f"{Path(image_path).name} + {caption[:24]!r}"})
     start = time.perf_counter()
     export_onnx(graph, cases[0], args.output)

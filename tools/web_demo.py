@@ -9,9 +9,10 @@ pixels), a confidence slider that re-filters without running the model again, an
 as JSON to download. Prompts: class names separated by "." (or ",", ";"), e.g. "cup. saucer.
 spoon.", or a caption, grounded on its noun phrases or on the phrases given (separated by ";").
 
-Bad uploads get a message in the page: files Pillow cannot read, 16-bit / float images, images
+Bad uploads get a message in the page: files that cannot be decoded, floating-point images, images
 above --max-megapixels; files above --max-upload-mb are refused by the server before they are
-stored (Gradio's upload limit).
+stored (Gradio's upload limit). 16-bit images are read as fiber_det.data.image_io reads them
+(their high byte), with a note in the page.
 """
 import argparse
 import importlib.util
@@ -22,7 +23,7 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -31,9 +32,9 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import fiber_det  # noqa: E402,F401  (compat fixes, registers the model)
-from detectron2.data import detection_utils  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
+from fiber_det.data.image_io import read_image  # noqa: E402
 from fiber_det.predictor import FIBERPredictor  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ EXAMPLE_PROMPTS = {
     "person.jpg": ("class names", "person."),
     "quokka.jpg": ("caption", "a quokka on the grass"),
 }
-NOT_8_BIT = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}  # Pillow modes of 16-bit / 32-bit images
+WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}  # Pillow modes of 16-bit / 32-bit integer images
 TABLE_HEADERS = ["label", "score", "x1", "y1", "x2", "y2"]
 logger = logging.getLogger("fiber_det.web_demo")
 
@@ -70,11 +71,12 @@ def _demo_module():
     return module
 
 
-def read_upload(path: str, max_megapixels: float) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of an uploaded file, or InputError saying why it cannot be used.
+def read_upload(path: str, max_megapixels: float) -> Tuple[np.ndarray, str]:
+    """((H, W, 3) uint8 RGB, a note for the page or "") of an uploaded file, or InputError saying
+    why it cannot be used.
 
-    The size and bit depth are read from the header before decoding; decoding itself is the
-    project's image reading (EXIF orientation applied), called only here."""
+    The size is read from the header before decoding; decoding is fiber-det's one image reader
+    (EXIF orientation, grey / 16-bit handling), called only here."""
     name = Path(path).name
     try:
         with Image.open(path) as im:
@@ -86,13 +88,13 @@ def read_upload(path: str, max_megapixels: float) -> np.ndarray:
     if width * height > max_megapixels * 1e6:
         raise InputError(f"{name}: {width}x{height} pixels ({width * height / 1e6:.1f} MP) is above the "
                          f"{max_megapixels:g} MP limit of this server; downscale it")
-    if mode in NOT_8_BIT:
-        raise InputError(f"{name}: 16-bit or floating-point image (Pillow mode {mode}); save it with 8 bits "
-                         "per channel")
     try:
-        return detection_utils.read_image(path, format="RGB")
+        rgb = read_image(path, format="RGB", name=name)
     except (OSError, ValueError, SyntaxError) as e:
-        raise InputError(f"{name}: the image data cannot be decoded ({type(e).__name__})") from e
+        raise InputError(str(e) if str(e).startswith(name) else f"{name}: {e}") from e
+    note = (f"{name} has {mode} pixels (16-bit or wider): the model sees their high byte."
+            if mode in WIDE_MODES else "")
+    return rgb, note
 
 
 def parse_prompt(mode: str, text: str, phrases: str = ""):
@@ -123,7 +125,7 @@ class WebDemo:
         if not path:
             return None, ""
         try:
-            return read_upload(path, self.max_megapixels), ""
+            return read_upload(path, self.max_megapixels)
         except InputError as e:
             return None, f"**Cannot use this file.** {e}"
 
@@ -132,7 +134,7 @@ class WebDemo:
         try:
             if not path:
                 raise InputError("upload an image or pick an example first")
-            rgb = read_upload(path, self.max_megapixels)
+            rgb, note = read_upload(path, self.max_megapixels)
             prompt = parse_prompt(mode, text, phrases)
             result = self.predictor(rgb, prompt, input_format="RGB")
             if result.error is not None:
@@ -144,7 +146,7 @@ class WebDemo:
             return None, [], None, "**Internal error** while running the model; see the server log.", None
         record = {**result.to_dict(), "name": Path(path).name,
                   "prompt": prompt if isinstance(prompt, dict) else {"classes": prompt}}
-        state = {"image": rgb, "record": record}
+        state = {"image": rgb, "record": record, "note": note}
         return (*self.render(state, threshold), state)
 
     def render(self, state, threshold: float):
@@ -165,6 +167,8 @@ class WebDemo:
         out.write_text(json.dumps({**record, "confidence_threshold": threshold, "detections": kept}, indent=1))
         status = (f"{len(kept)} detection(s) with score >= {threshold:.2f} "
                   f"({len(record['detections'])} before the threshold)")
+        if state.get("note"):
+            status = f"{status}. {state['note']}"
         return vis.get_output().get_image(), rows, str(out), status
 
 
