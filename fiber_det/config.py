@@ -21,6 +21,8 @@ def add_fiber_config(cfg: CN) -> CN:
     f.SWIN.DEPTHS = [2, 2, 18, 2]  # blocks per stage
     f.SWIN.NUM_HEADS = [4, 8, 16, 32]  # attention heads per stage
     f.SWIN.WINDOW_SIZE = 12  # attention window (tokens per side)
+    f.SWIN.SHIFT_SINGLE_WINDOW = True  # odd blocks shift even when the token map fits in one
+    # window (Swin-Det, fine-grained); False: such a block runs unshifted (timm, coarse-grained)
     f.SWIN.MLP_RATIO = 4.0  # MLP hidden width / block width
     f.SWIN.PATCH_SIZE = 4  # patch embedding stride
     f.SWIN.DROP_PATH_RATE = 0.4  # drop-path rate of the last block (linear from 0)
@@ -89,9 +91,20 @@ def add_fiber_config(cfg: CN) -> CN:
 
 
 def _add_coarse_config(cfg: CN) -> None:
-    """The coarse-grained image-text stage."""
+    """The coarse-grained image-text model (``MODEL.META_ARCHITECTURE: FiberCoarsePretrain``). It
+    also reads MODEL.FIBER.{SWIN,TEXT,FUSION} (towers; TEXT.MAX_QUERY_LEN is the caption length),
+    MODEL.PIXEL_MEAN/STD (RGB, in 0-1 units: ToTensor's /255 comes first) and MODEL.BACKBONE.FREEZE_AT."""
     c = cfg.MODEL.FIBER.COARSE = CN()
     c.IMAGE_SIZE = 384  # inputs are IMAGE_SIZE x IMAGE_SIZE; MODEL.FIBER.SWIN.WINDOW_SIZE must be IMAGE_SIZE / 32
+    c.EMBED_DIM = 768  # width of the cross-modal projections, poolers and heads (official "hidden_size")
+    c.ITC_ON = True  # image-text contrastive loss (queue, temperature)
+    c.ITM_ON = True  # image-text matching; training draws hard negatives from the ITC scores (needs ITC_ON)
+    c.MLM_ON = True  # masked language modelling on the fused text
+    c.QUEUE_SIZE = 4096  # ITC queue length (features, and for ITM the raw images, ids and masks)
+    c.TEMPERATURE = 0.07  # initial ITC temperature (learned, clamped to [0.001, 1] before each use)
+    c.MLM_PROBABILITY = 0.15  # fraction of non-special tokens selected for MLM (80 % <mask>, 10 % random)
+    c.FUSED_OUTPUT_NORMS = False  # also apply the Swin final norm and the last text layer's output
+    # LayerNorm on the fused (ITM/MLM) path; official: only the contrastive path applies them
 
 
 def _add_data_config(cfg: CN) -> None:

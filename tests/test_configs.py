@@ -17,6 +17,9 @@ EXPECTED_PARAMS = {
     "FIBER-SwinB-coco.yaml": (252_034_744, 252_034_744),
     "FIBER-SwinB-lvis.yaml": (252_034_744, 252_034_744),
     "FIBER-SwinB-refcoco.yaml": (252_042_936, 252_042_936),
+    # the official coarse model's 281,897,191 (384 px, ITC + ITM + MLM) minus its unused text pooler
+    # (590,592), alpha_t2i of layers 0-5 (6), cross-attention output LayerNorms (9,216), rank_output (1,537)
+    "coarse/Base-FIBER-B-coarse.yaml": (281_295_840, 281_295_840),
 }
 
 
@@ -35,8 +38,8 @@ def test_every_config_is_listed():
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_loads_and_builds(name):
     cfg = _cfg(name)
-    assert cfg.MODEL.META_ARCHITECTURE == "FIBER"
-    if name.startswith("quick_schedules/"):
+    assert cfg.MODEL.META_ARCHITECTURE == ("FiberCoarsePretrain" if name.startswith("coarse/") else "FIBER")
+    if name.startswith(("quick_schedules/", "coarse/FIBER-coarse-tiny")):
         model = build_model(cfg)
     else:  # Swin-B sized: build on the meta device (shapes only, no memory)
         cfg.MODEL.DEVICE = "meta"

@@ -1,11 +1,14 @@
 """Check fiber-det against a golden fixture of the official FIBER code.
 
     python tools/check_reference_parity.py --fixture ../shared/fixtures/fiber_ref_v2_single.pt
+    python tools/check_reference_parity.py --fixture ../shared/fixtures/fiber_coarse_ref_dev.pt
 
-Builds the model from the fixture's official config dump, converts its official state dict,
-runs eval and train modes on the fixture's inputs and compares every captured tensor with the
-fixture's tolerances. Prints one line per tensor (key path, max abs diff, tolerance, OK/FAIL)
-and a final ``PARITY OK`` / ``PARITY FAIL`` summary; exits 0 only if everything passes.
+Recognises the fixture by its contents: a fine-grained detector fixture (FIXTURE_FORMAT.md) or a
+coarse-grained image-text fixture (COARSE_FIXTURE_FORMAT.md, it stores ITC outputs). Builds the
+model from the fixture's official config, converts its official state dict, runs eval and train
+modes on the fixture's inputs and compares every captured tensor with the fixture's tolerances.
+Prints one line per tensor (key path, max abs diff, tolerance, OK/FAIL) and a final ``PARITY OK``
+/ ``PARITY FAIL`` summary with the worst diff/tolerance ratio; exits 0 only if everything passes.
 """
 import argparse
 import os
@@ -14,15 +17,18 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import fiber_det  # noqa: E402,F401  (registers the model)
+from fiber_det.checkpoint.coarse_parity import check_coarse_fixture, is_coarse_fixture  # noqa: E402
 from fiber_det.checkpoint.parity import check_fixture, load_fixture  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fixture", required=True, help="path of a fixture .pt file (FIXTURE_FORMAT.md)")
+    parser.add_argument("--fixture", required=True, help="path of a fixture .pt file (FIXTURE_FORMAT.md or COARSE_FIXTURE_FORMAT.md)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the fixture's own files)")
     args = parser.parse_args(argv)
-    results = check_fixture(load_fixture(args.fixture), args.tokenizer)
+    fixture = load_fixture(args.fixture)
+    check = check_coarse_fixture if is_coarse_fixture(fixture) else check_fixture
+    results = check(fixture, args.tokenizer)
     for r in results:
         print(r.line())
     checked = [r for r in results if not r.skipped]

@@ -1,11 +1,8 @@
-"""Official FIBER checkpoints -> fiber-det state dicts, with a report (no file I/O here).
+"""Official fine-grained FIBER checkpoints -> fiber-det state dicts, with a report (no file I/O).
 
-- Fine-grained checkpoints (``fiber_coco.pth`` ...): :func:`convert_official_state_dict`, driven
-  by the prefix table of :mod:`.rename_table`.
-- The coarse-grained init (``fiber_coarse_init.pt``): :func:`convert_coarse_state_dict`, explicit
-  renames of the coarse module names ``vit_model.`` / ``text_transformer.`` (spec §10.4).
-
-Every key ends in exactly one bucket of the report; anything unexplained is an error.
+Fine-grained checkpoints (``fiber_coco.pth`` ...): :func:`convert_official_state_dict`, driven by
+the prefix table of :mod:`.rename_table`. Coarse-grained checkpoints: :mod:`.coarse`. Every key
+ends in exactly one bucket of the report; anything unexplained is an error.
 """
 import re
 from dataclasses import dataclass, field
@@ -13,16 +10,16 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from ..modeling.backbone.swin import relative_position_index
+from ..modeling.backbone.windows import relative_position_index
 from ..modeling.head.atss import generate_cell_anchors
 from .rename_table import DROPPED, REGENERATED_BUFFERS, V3_MARKER, rename_key
 
 __all__ = [
     "ConversionReport", "ConversionError", "list_problems", "unwrap_checkpoint", "convert_official_state_dict",
-    "convert_coarse_state_dict", "COARSE_RENAMES", "COARSE_DISCARDED", "FIBER_ANCHORS", "anchor_spec_from_cfg",
+    "FIBER_ANCHORS", "anchor_spec_from_cfg",
 ]
 
-# FIBER's anchors: (stride, sizes, aspect ratios) per level (spec §4.6)
+# FIBER's anchors: (stride, sizes, aspect ratios) per level: stride 8-128, one square anchor of 8 x stride
 FIBER_ANCHORS = tuple((8 * 2**i, (64 * 2**i,), (1.0,)) for i in range(5))
 
 
@@ -185,63 +182,3 @@ def _check_buffer(key, value, anchors, source, report):
         report.regenerated.append(key)
     else:
         report.mismatched.append(f"{key}: stored values differ from the regenerated buffer")
-
-
-# ---- coarse-grained init (spec §10.4) ----
-# explicit renames of the coarse-grained module names
-COARSE_RENAMES = (
-    ("vit_model.", "backbone.bottom_up.vision."),
-    ("text_transformer.", "backbone.bottom_up.text."),
-)
-# coarse-grained keys the fine-grained model has no place for, with the reason
-COARSE_DISCARDED = (
-    (re.compile(r"\.attn_mask$"), "timm-style shift-mask buffer (recomputed)"),
-    (re.compile(r"\.relative_position_index$"), "buffer (regenerated)"),
-    (re.compile(r"embeddings\.position_ids$"), "buffer (regenerated)"),
-    (re.compile(r"crossattention_t2i\.output\.LayerNorm\."), "Identity in the fine-grained model"),
-    (re.compile(r"^backbone\.bottom_up\.text\.pooler\."), "text pooler (coarse-stage head)"),
-    (re.compile(r"^backbone\.bottom_up\.vision\.norm\.(weight|bias)$"), "Swin final norm (fine-grained uses norm1..3)"),
-    (re.compile(r"^backbone\.bottom_up\.vision\.head\."), "Swin classifier"),
-    (re.compile(r"\.alpha_t2i$"), "gate of a text layer without cross-attention"),
-    (re.compile(r"\.attn\.norm_i2t_i\."), "v3 query LayerNorm, absent in a v2 model"),
-    (re.compile(r"^(cross_modal_\w+|mlm_score|itm_score|rank_output|vqa_classifier|nlvr2_classifier|snli_classifier)\."
-                r"|^(temp|queue_ptr|queue_total|\w+_queue)$"),
-     "coarse-stage head, projection, pooler or ITC queue"),
-)
-# model keys a coarse checkpoint does not provide by design (fresh in the fine-grained model)
-COARSE_FRESH = re.compile(r"^(?!backbone\.bottom_up\.)|^backbone\.bottom_up\.vision\.norm\d+\.")
-
-
-def convert_coarse_state_dict(
-    checkpoint: Mapping, expected_shapes: Mapping[str, Sequence[int]]
-) -> Tuple[Dict[str, torch.Tensor], ConversionReport]:
-    """Coarse-grained (stage-1) checkpoint -> the fine-grained model's backbone towers.
-
-    Initialises the Swin (with its image->text fusion, gates and, for v3 models, the query
-    LayerNorm) and the text encoder (with its text->image fusion). The rest of the model (Swin
-    output norms, FPN, DyHead: :data:`COARSE_FRESH`) is reported as ``fresh``; a tower key the
-    checkpoint lacks is ``missing`` (an error). Coarse keys without a place in the model are
-    ``dropped`` only when they match a documented reason (:data:`COARSE_DISCARDED`); any other
-    unknown key, and any shape mismatch, is an error.
-    """
-    sd, source, stripped = unwrap_checkpoint(checkpoint)
-    report = ConversionReport(source=source, version="coarse", stripped_prefix=stripped)
-    new_sd = {}
-    for k, v in sd.items():
-        new = next((n + k[len(o):] for o, n in COARSE_RENAMES if k.startswith(o)), k)
-        if new in expected_shapes:
-            if tuple(expected_shapes[new]) != tuple(v.shape):
-                report.mismatched.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected_shapes[new])}")
-                continue
-            report.converted[k] = new
-            new_sd[new] = v
-            continue
-        reason = next((r for p, r in COARSE_DISCARDED if p.search(new)), None)
-        if reason is None:
-            report.unmatched.append(k)
-        else:
-            report.dropped.append(f"{k}: {reason}")
-    absent = sorted(k for k in expected_shapes if k not in new_sd)
-    report.fresh = [k for k in absent if COARSE_FRESH.search(k)]
-    report.missing = [k for k in absent if not COARSE_FRESH.search(k)]
-    return new_sd, report

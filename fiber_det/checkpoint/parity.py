@@ -22,7 +22,7 @@ from .convert import anchor_spec_from_cfg, convert_official_state_dict
 from .official_config import translate_official_config
 
 __all__ = [
-    "Comparison", "build_fixture_model", "capture_intermediates", "check_fixture", "eval_comparisons",
+    "Comparison", "build_fixture_model", "capture_intermediates", "check_fixture", "compare_tensors", "eval_comparisons",
     "load_fixture", "tolerance_for", "train_comparisons", "write_fixture_tokenizer",
 ]
 
@@ -92,6 +92,12 @@ FLOAT_ATOL_WITHOUT_GROUP = 1e-6
 
 def _compare(fixture, key, actual, expected, note="") -> Comparison:
     atol, rtol = tolerance_for(fixture, key)
+    return compare_tensors(key, actual, expected, atol, rtol, note)
+
+
+def compare_tensors(key: str, actual, expected, atol: float, rtol: float, note: str = "") -> Comparison:
+    """One comparison at ``atol`` / ``rtol``; (0, 0) means exact for integers and
+    :data:`FLOAT_ATOL_WITHOUT_GROUP` for floats. A shape mismatch fails."""
     actual = torch.as_tensor(actual).detach().cpu()
     expected = torch.as_tensor(expected).detach().cpu()
     if atol == 0 and rtol == 0 and expected.is_floating_point():

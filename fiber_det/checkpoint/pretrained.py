@@ -5,7 +5,12 @@
   (``crossattention_t2i.*``, ``alpha_t2i``) may stay at their initialisation (gates 0).
 - :func:`load_swin_imagenet_weights`: an official Microsoft Swin ImageNet checkpoint into
   :class:`SwinTransformer`. Only the fusion parameters and the output norms ``norm{1,2,3}`` may
-  stay fresh; the classifier, the final ``norm`` and recomputed buffers are skipped.
+  stay fresh; the classifier and recomputed buffers are skipped, and so is the final ``norm``
+  unless the Swin has one (the coarse-grained model, which loads it as timm does).
+- :func:`load_pretrained_towers`: both of the above into every fusion backbone of a built model,
+  from ``MODEL.FIBER.SWIN.WEIGHTS`` / ``MODEL.FIBER.TEXT.WEIGHTS``. Training calls it after
+  building the model (the model's ``from_config`` never reads files); a full checkpoint
+  (``MODEL.WEIGHTS``) loaded afterwards overrides it.
 Any other missing, unexpected or mis-shaped key is an error that lists them.
 """
 import json
@@ -16,13 +21,14 @@ from typing import Dict, List
 
 import torch
 
-from ..modeling.backbone.swin import SwinTransformer, relative_position_index
+from ..modeling.backbone.swin import SwinTransformer
+from ..modeling.backbone.windows import relative_position_index
 from ..modeling.backbone.text import TextEncoder, TextEncoderConfig
 from ..utils.paths import resolve_path
 from ..utils.safe_load import load_checkpoint_file
 from .convert import list_problems
 
-__all__ = ["load_hf_text_weights", "load_swin_imagenet_weights", "PretrainedLoadError"]
+__all__ = ["load_hf_text_weights", "load_swin_imagenet_weights", "load_pretrained_towers", "PretrainedLoadError"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +36,8 @@ TEXT_FUSION = re.compile(r"^encoder\.layer\.\d+\.(crossattention_t2i\.|alpha_t2i
 TEXT_IGNORED = re.compile(r"^(pooler\.|cls\.|lm_head\.|embeddings\.position_ids$|embeddings\.token_type_ids$)")
 SWIN_FUSION = re.compile(r"\.attn\.(qkv_text_i2t|qkv_i2t|proj_i2t|norm_i2t_i)\.|\.attn\.alpha_i2t$")
 SWIN_FRESH = re.compile(r"^norm\d+\.")
-SWIN_IGNORED = re.compile(r"^(head\.|norm\.(weight|bias)$)|\.attn_mask$|\.relative_position_index$")
+SWIN_IGNORED = re.compile(r"^head\.|\.attn_mask$|\.relative_position_index$")
+SWIN_FINAL_NORM = re.compile(r"^norm\.(weight|bias)$")
 
 
 class PretrainedLoadError(ValueError):
@@ -105,7 +112,30 @@ def load_swin_imagenet_weights(swin: SwinTransformer, path: str) -> Dict[str, Li
             window = int(round(v.shape[0] ** 0.5))
             if not torch.equal(v.long(), relative_position_index(window)):
                 bad_index.append(k)
-        if not SWIN_IGNORED.search(k):
+        if not SWIN_IGNORED.search(k) and (swin.norm is not None or not SWIN_FINAL_NORM.match(k)):
             sd[k] = v
     _fail(path, {"non-standard relative_position_index buffers": bad_index})
     return _load_into(swin, sd, re.compile(f"{SWIN_FUSION.pattern}|{SWIN_FRESH.pattern}"), path)
+
+
+def load_pretrained_towers(model: torch.nn.Module, cfg) -> Dict[str, Dict[str, List[str]]]:
+    """Initialise every :class:`FusionBottomUp` of ``model`` from ``MODEL.FIBER.SWIN.WEIGHTS``
+    and ``MODEL.FIBER.TEXT.WEIGHTS`` (each skipped when empty).
+
+    Returns:
+        {"swin": ..., "text": ...} the loaders' reports of the first fusion backbone (empty
+        when nothing was loaded).
+    """
+    from ..modeling.backbone.fusion import FusionBottomUp
+
+    f = cfg.MODEL.FIBER
+    towers = [m for m in model.modules() if isinstance(m, FusionBottomUp)]
+    if (f.SWIN.WEIGHTS or f.TEXT.WEIGHTS) and not towers:
+        raise ValueError("MODEL.FIBER.SWIN.WEIGHTS / TEXT.WEIGHTS are set but the model has no fusion backbone")
+    reports: Dict[str, Dict[str, List[str]]] = {}
+    for bottom_up in towers:
+        if f.SWIN.WEIGHTS:
+            reports.setdefault("swin", load_swin_imagenet_weights(bottom_up.vision, f.SWIN.WEIGHTS))
+        if f.TEXT.WEIGHTS:
+            reports.setdefault("text", load_hf_text_weights(bottom_up.text, f.TEXT.WEIGHTS))
+    return reports

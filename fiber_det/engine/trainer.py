@@ -24,6 +24,7 @@ from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint.checkpointer import FiberCheckpointer
+from ..checkpoint.pretrained import load_pretrained_towers
 from ..data.build import build_test_loader, build_train_loader, get_train_dataset_dicts
 from ..evaluation import build_evaluator
 from .ema import EMAHook, ModelEMA, swap_to_ema
@@ -270,6 +271,14 @@ class FiberTrainer(DefaultTrainer):
             with preserved_rng_states(), (swap_to_ema(self.model, self.ema) if use_ema else nullcontext()):
                 return func()
         return run
+
+    @classmethod
+    def build_model(cls, cfg):
+        # the towers start from MODEL.FIBER.SWIN/TEXT.WEIGHTS; MODEL.WEIGHTS, loaded afterwards by
+        # the checkpointer, overrides them
+        model = super().build_model(cfg)
+        load_pretrained_towers(model, cfg)
+        return model
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -53,13 +53,15 @@ class CorruptCheckpointError(ValueError):
     """An empty, truncated or unreadable checkpoint file."""
 
 
-def load_checkpoint_file(path: str, map_location: str = "cpu") -> Any:
+def load_checkpoint_file(path: str, map_location: str = "cpu", mmap: bool = False) -> Any:
     """The content of a checkpoint file, loaded without executing code from it.
 
     Args:
         path: a ``.pkl`` / ``.pickle`` file (restricted unpickler, latin1 strings as Detectron2
             reads them) or a PyTorch file of any other name.
         map_location: where tensors go (as ``torch.load``).
+        mmap: memory-map a zip-format PyTorch file, so tensors the caller drops (e.g. an official
+            coarse checkpoint's multi-GB image queue) are never read; legacy files load normally.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -74,7 +76,7 @@ def load_checkpoint_file(path: str, map_location: str = "cpu") -> Any:
                                      "that was killed or ran out of disk?")
     if path.endswith(PICKLE_EXTENSIONS):
         return _load_pickle(path)
-    return _load_torch(path, map_location)
+    return _load_torch(path, map_location, mmap and _zip_complete(path))
 
 
 def _load_pickle(path: str) -> Any:
@@ -104,10 +106,10 @@ def _numpy_safe_globals() -> List[Tuple[Any, str]]:
             for name in ("_reconstruct", "scalar")] + [np.ndarray, np.dtype, *dtypes]
 
 
-def _load_torch(path: str, map_location: str) -> Any:
+def _load_torch(path: str, map_location: str, mmap: bool = False) -> Any:
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         refused = _refused_globals(path, str(e)) if _TORCH_REFUSAL in str(e) else []
         if refused:

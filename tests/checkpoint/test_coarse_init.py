@@ -12,8 +12,9 @@ import torch
 
 from checkpoint_test_utils import pooled_tensors, run_tool, write_fixture_side_files
 from conftest import tiny_model
-from fiber_det.checkpoint.convert import ConversionError, convert_coarse_state_dict
-from fiber_det.modeling.backbone.swin import relative_position_index
+from fiber_det.checkpoint.coarse import convert_coarse_state_dict
+from fiber_det.checkpoint.convert import ConversionError
+from fiber_det.modeling.backbone.windows import relative_position_index
 
 VISION, TEXT = "backbone.bottom_up.vision.", "backbone.bottom_up.text."
 OUTPUT_NORM = re.compile(r"^backbone\.bottom_up\.vision\.norm[123]\.")
@@ -31,7 +32,7 @@ def build_coarse(shapes, seed=0, add_norm_i2t_i=True):
     """A synthetic coarse checkpoint state dict for a model with these state-dict shapes.
 
     Returns (state dict, {coarse tower key: model key}, {extra coarse key: expected drop reason
-    fragment})."""
+    fragment, or "buffer" for the index buffers the converter checks and regenerates})."""
     tower = {}
     for k in shapes:
         if k.startswith(VISION) and not OUTPUT_NORM.match(k):
@@ -126,7 +127,11 @@ def test_coarse_checkpoint_initialises_exactly_the_towers(tiny_shapes, prefix):
     # left at their initialisation: FPN, DyHead, Swin output norms
     assert set(report.fresh) == expected_fresh(tiny_shapes) == set(tiny_shapes) - set(new_sd)
     assert {f"{VISION}norm{i}.{p}" for i in (1, 2, 3) for p in ("weight", "bias")} <= set(report.fresh)
-    # every extra is dropped, with its documented reason
+    # the index buffers are checked against their recomputed values, every other extra is
+    # dropped with its documented reason
+    buffers = {k for k, r in extras.items() if r == "buffer"}
+    assert set(report.regenerated) == buffers and len(buffers) == 6
+    extras = {k: r for k, r in extras.items() if k not in buffers}
     dropped = dict(d.split(": ", 1) for d in report.dropped)
     assert set(dropped) == set(extras)
     wrong = {k: dropped[k] for k in extras if extras[k] not in dropped[k]}
@@ -197,7 +202,8 @@ def test_cli_converts_a_coarse_checkpoint(fixture_v2, fixture_model, tmp_path):
     assert n_fresh == 16 + (3 + 6 * 20 + 2 + 2 + 5 + 2) + 6
     assert f"[convert] {n_fresh} model tensors stay at their initialisation" in proc.stdout
     assert f"fresh={n_fresh}" in proc.stdout and f"converted={len(tower)}" in proc.stdout
-    assert f"dropped={len(extras)}" in proc.stdout
+    n_buffers = sum(r == "buffer" for r in extras.values())
+    assert f"dropped={len(extras) - n_buffers}" in proc.stdout and f"regenerated={n_buffers}" in proc.stdout
     written = torch.load(out, map_location="cpu", weights_only=True)
     assert set(written["model"]) == set(tower.values())
     key = "text_transformer.encoder.layer.10.crossattention_t2i.self.key.weight"
@@ -218,3 +224,25 @@ def test_checkpoint_under_an_unknown_module_name_is_an_error(tiny_shapes):
     _, report = convert_coarse_state_dict({"state_dict": {"model." + k: v for k, v in sd.items()}}, tiny_shapes)
     assert not report.converted
     assert not report.ok
+
+
+def test_index_buffers_are_checked_not_dropped(tiny_shapes):
+    sd, _, _ = build_coarse(tiny_shapes)
+    key = "vit_model.layers.1.blocks.0.attn.relative_position_index"
+    sd[key] = sd[key].flip(0)
+    sd["text_transformer.embeddings.position_ids"] = sd["text_transformer.embeddings.position_ids"] + 1
+    _, report = convert_coarse_state_dict({"state_dict": sd}, tiny_shapes)
+    assert sorted(m.split(":")[0] for m in report.mismatched) == sorted([key, "text_transformer.embeddings.position_ids"])
+    with pytest.raises(ConversionError, match="differ from the regenerated buffer"):
+        report.raise_if_errors()
+
+
+def test_tables_of_another_window_are_refused_with_the_reason(tiny_shapes):
+    sd, _, _ = build_coarse(tiny_shapes)
+    key = "vit_model.layers.0.blocks.0.attn.relative_position_bias_table"
+    heads = sd[key].shape[1]
+    sd[key] = torch.zeros(35 ** 2, heads)  # window 18: a 576-pixel checkpoint
+    _, report = convert_coarse_state_dict({"state_dict": sd}, tiny_shapes)
+    assert len(report.mismatched) == 1
+    assert "window 18, a 576-pixel coarse checkpoint" in report.mismatched[0]
+    assert "detector's window 7" in report.mismatched[0]

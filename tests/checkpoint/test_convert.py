@@ -23,7 +23,7 @@ from fiber_det import add_fiber_config
 from fiber_det.checkpoint.convert import ConversionError, convert_official_state_dict
 from fiber_det.checkpoint.official_config import translate_official_config
 from fiber_det.checkpoint.rename_table import DROPPED, REGENERATED_BUFFERS, rename_key
-from fiber_det.modeling.backbone.swin import relative_position_index
+from fiber_det.modeling.backbone.windows import relative_position_index
 from fiber_det.modeling.postprocess import postprocess_image, rescale_boxes
 
 DOCS = REPO.parent / "shared" / "docs"

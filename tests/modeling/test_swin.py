@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
+from fiber_det.modeling.backbone.fusion import fusion_schedule
 from fiber_det.modeling.backbone.swin import SwinTransformer
 
 # parameters of the upstream ImageNet classifiers (swin_tiny/small_patch4_window7_224,
@@ -20,7 +21,9 @@ def test_presets_match_upstream_parameter_counts(name):
 
 def test_upstream_names_and_fused_blocks():
     with torch.device("meta"):
-        swin = SwinTransformer.from_preset("B", text_dim=768, num_fused_blocks=6, i2t_query_norm=True)
+        schedule = fusion_schedule((2, 2, 18, 2), 128, 12, 6)
+        swin = SwinTransformer.from_preset("B", text_dim=768, fused_blocks=[(p.stage, p.block) for p in schedule],
+                                           i2t_query_norm=True)
     keys = set(swin.state_dict())
     assert "patch_embed.proj.weight" in keys and "layers.2.downsample.reduction.weight" in keys
     assert {"norm1.weight", "norm2.weight", "norm3.weight"} <= keys and "norm0.weight" not in keys

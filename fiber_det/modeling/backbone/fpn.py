@@ -2,8 +2,9 @@
 registered in Detectron2's BACKBONE_REGISTRY as ``build_fiber_backbone``.
 
 Detectron2's :class:`FPN` builds the layers (``fpn_lateral{3,4,5}``, ``fpn_output{3,4,5}``,
-``top_block.p6/p7`` with P6 from P5: spec §2.5); the forward is ours because the bottom-up also
-takes the text and because GLIP's FPN applies DropBlock to the merged P3/P4 laterals in training.
+``top_block.p6/p7``, P6 computed from P5 as in GLIP/FIBER); the forward is ours because the
+bottom-up also takes the text and because GLIP's FPN applies DropBlock to the merged P3/P4
+laterals in training.
 """
 from typing import Dict, Tuple
 
@@ -15,11 +16,9 @@ from detectron2.config import configurable
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
 
-from .fusion import FusionBottomUp, paired_image_dims
-from .swin import SwinTransformer
-from .text import TextEncoder, TextEncoderConfig
+from .fusion import FusionBottomUp
 
-__all__ = ["DropBlock2d", "FiberBackbone", "build_fiber_backbone", "text_config_from_cfg"]
+__all__ = ["DropBlock2d", "FiberBackbone", "build_fiber_backbone"]
 
 
 class DropBlock2d(nn.Module):
@@ -63,28 +62,8 @@ class FiberBackbone(FPN):
     @classmethod
     def from_config(cls, cfg, input_shape=None):
         f = cfg.MODEL.FIBER
-        text_cfg = text_config_from_cfg(cfg)
-        n = f.FUSION.NUM_LAYERS
-        vision = SwinTransformer(
-            embed_dim=f.SWIN.EMBED_DIM, depths=tuple(f.SWIN.DEPTHS), num_heads=tuple(f.SWIN.NUM_HEADS),
-            window_size=f.SWIN.WINDOW_SIZE, mlp_ratio=f.SWIN.MLP_RATIO, patch_size=f.SWIN.PATCH_SIZE,
-            drop_path_rate=f.SWIN.DROP_PATH_RATE, text_dim=text_cfg.hidden_size, num_fused_blocks=n,
-            i2t_query_norm=f.FUSION.I2T_QUERY_NORM, use_checkpoint=f.SWIN.USE_CHECKPOINT,
-        )
-        vision.freeze(cfg.MODEL.BACKBONE.FREEZE_AT)
-        image_dims = paired_image_dims(f.SWIN.DEPTHS, f.SWIN.EMBED_DIM, text_cfg.num_hidden_layers, n)
-        text = TextEncoder(text_cfg, image_dims, use_checkpoint=f.TEXT.USE_CHECKPOINT)
-        # initialisation from pretrained parts; a full checkpoint (MODEL.WEIGHTS) overrides it
-        from ...checkpoint.pretrained import load_hf_text_weights, load_swin_imagenet_weights
-
-        if f.SWIN.WEIGHTS:
-            load_swin_imagenet_weights(vision, f.SWIN.WEIGHTS)
-        if f.TEXT.WEIGHTS:
-            load_hf_text_weights(text, f.TEXT.WEIGHTS)
-        if f.TEXT.FREEZE_WORD_EMBEDDINGS:
-            text.embeddings.word_embeddings.weight.requires_grad_(False)
         return {
-            "bottom_up": FusionBottomUp(vision, text, n),
+            "bottom_up": FusionBottomUp(cfg),
             "out_channels": cfg.MODEL.FPN.OUT_CHANNELS,
             "drop_block_prob": f.FPN.DROP_BLOCK_PROB,
             "drop_block_size": f.FPN.DROP_BLOCK_SIZE,
@@ -107,19 +86,6 @@ class FiberBackbone(FPN):
             results.insert(0, output_conv(self.drop_block(prev)))
         results.extend(self.top_block(results[-1]))
         return dict(zip(self._out_features, results)), language
-
-
-def text_config_from_cfg(cfg) -> TextEncoderConfig:
-    """The text tower architecture from ``MODEL.FIBER.TEXT``."""
-    t = cfg.MODEL.FIBER.TEXT
-    return TextEncoderConfig(
-        vocab_size=t.VOCAB_SIZE, hidden_size=t.HIDDEN_SIZE, num_hidden_layers=t.NUM_LAYERS,
-        num_attention_heads=t.NUM_HEADS, intermediate_size=t.INTERMEDIATE_SIZE,
-        max_position_embeddings=t.MAX_POSITIONS, type_vocab_size=t.TYPE_VOCAB_SIZE,
-        layer_norm_eps=t.LAYER_NORM_EPS, pad_token_id=t.PAD_TOKEN_ID,
-        hidden_dropout_prob=t.DROPOUT, attention_probs_dropout_prob=t.ATTENTION_DROPOUT,
-        position_style=t.ARCH,
-    )
 
 
 @BACKBONE_REGISTRY.register()

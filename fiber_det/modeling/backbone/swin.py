@@ -1,14 +1,25 @@
 """Swin Transformer whose blocks can carry FIBER's image->text cross-attention.
 
 Parameter names follow the upstream Swin (and Detectron2's later ``swin.py``): ``patch_embed``,
-``layers.i.blocks.j.{norm1,attn,norm2,mlp}``, ``layers.i.downsample``, ``norm{i}``, so an official
-checkpoint converts by a prefix rename. The image->text cross-attention (spec §2.2) is an
-optional part of :class:`WindowAttention`; FIBER's v3 query LayerNorm is the flag
-``i2t_query_norm``, not a copy of the module.
+``layers.i.blocks.j.{norm1,attn,norm2,mlp}``, ``layers.i.downsample``, ``norm{i}`` (stage outputs)
+and ``norm`` (the classifier's final norm), so an official checkpoint converts by a prefix rename.
+The image->text cross-attention is an optional part of :class:`WindowAttention`; FIBER's v3 query
+LayerNorm is the flag ``i2t_query_norm``, not a copy of the module.
+
+The two FIBER stages use two Swin flavours, selected by flags rather than two classes:
+- fine-grained (Swin-Det): any input size, tokens zero-padded to window multiples, every odd
+  block shifted, ``norm{i}`` on the returned stage outputs;
+- coarse-grained (timm): fixed S x S input, window S / 32, a block whose token map fits in one
+  window runs unshifted (``shift_single_window=False``), one final ``norm`` and no ``norm{i}``.
+
+The pyramid runs in pieces (:meth:`SwinTransformer.embed`, :meth:`SwinTransformer.run`) so that
+the fusion backbone can stop before the first fused block (the text-independent image prefix)
+and run the fused blocks interleaved with the text tower.
 
 Token tensors are (B, H*W, C) in row-major (y, x) order; feature maps are NCHW.
 """
-from typing import List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +27,9 @@ import torch.utils.checkpoint as torch_checkpoint
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-__all__ = ["SwinTransformer", "SwinBlock", "WindowAttention", "SWIN_PRESETS", "TextContext"]
+from .windows import relative_position_index, shift_window_mask, window_partition, window_reverse
+
+__all__ = ["SwinTransformer", "SwinBlock", "SwinState", "WindowAttention", "SWIN_PRESETS", "TextContext", "FusionStep"]
 
 # embed dim, depths, heads, window (ImageNet-22k 384 variants use window 12, as FIBER does)
 SWIN_PRESETS = {
@@ -54,35 +67,9 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
-    """(B, H, W, C) -> (B * nW, window * window, C), windows of one image contiguous."""
-    b, h, w, c = x.shape
-    x = x.view(b, h // window, window, w // window, window, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, c)
-
-
-def window_reverse(windows: torch.Tensor, window: int, h: int, w: int) -> torch.Tensor:
-    """(B * nW, window * window, C) -> (B, H, W, C); inverse of :func:`window_partition`."""
-    c = windows.shape[-1]
-    b = windows.shape[0] // ((h // window) * (w // window))
-    x = windows.view(b, h // window, w // window, window, window, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
-
-
-def relative_position_index(window: int) -> torch.Tensor:
-    """The standard Swin index (window², window²) into the (2·window − 1)² bias table."""
-    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"))
-    coords = coords.flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).contiguous()
-    rel[:, :, 0] += window - 1
-    rel[:, :, 1] += window - 1
-    rel[:, :, 0] *= 2 * window - 1
-    return rel.sum(-1)
-
-
 class WindowAttention(nn.Module):
     """Window multi-head self-attention with relative position bias, optionally followed by
-    FIBER's gated image->text cross-attention (spec §2.2).
+    FIBER's gated image->text cross-attention.
 
     The cross-attention query is the self-attention output after ``proj`` (LayerNorm-ed by
     ``norm_i2t_i`` when ``i2t_query_norm``, FIBER v3); keys/values come from the text hidden
@@ -178,7 +165,13 @@ class WindowAttention(nn.Module):
 
 
 class SwinBlock(nn.Module):
-    """Pre-norm Swin block: x + DropPath(W-MSA(LN(x)) [+ α·i2t]); x + DropPath(MLP(LN(x)))."""
+    """Pre-norm Swin block: x + DropPath(W-MSA(LN(x)) [+ α·i2t]); x + DropPath(MLP(LN(x))).
+
+    ``shift_single_window=False`` is timm's rule (the coarse-grained model): a token map that fits
+    in one window is attended to as that one window without the cyclic shift. With True (Swin-Det,
+    the fine-grained model) odd blocks always shift. The two agree whenever the map spans more than
+    one window.
+    """
 
     def __init__(
         self,
@@ -190,10 +183,12 @@ class SwinBlock(nn.Module):
         drop_path: float,
         text_dim: Optional[int] = None,
         i2t_query_norm: bool = False,
+        shift_single_window: bool = True,
     ):
         super().__init__()
         self.window_size = window_size
         self.shift_size = shift_size
+        self.shift_single_window = shift_single_window
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, window_size, num_heads, text_dim, i2t_query_norm)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
@@ -204,31 +199,36 @@ class SwinBlock(nn.Module):
     def fused(self) -> bool:
         return self.attn.text_dim is not None
 
+    def shifts(self, height: int, width: int) -> bool:
+        """Whether the block applies the cyclic shift on an (H, W) token map."""
+        if self.shift_size == 0:
+            return False
+        return self.shift_single_window or height > self.window_size or width > self.window_size
+
     def forward(self, x, height: int, width: int, shift_mask=None, text: Optional[TextContext] = None):
         """
         Args:
             x: (B, H*W, C) tokens; height, width: H, W.
-            shift_mask: the stage's (nW, N, N) mask, used only if this block is shifted.
+            shift_mask: the stage's (nW, N, N) mask, used only if this block shifts.
             text: paired text state for fused blocks.
         Returns:
             (B, H*W, C).
         """
         b, hw, c = x.shape
         ws = self.window_size
+        shift = self.shift_size if self.shifts(height, width) else 0
         shortcut = x
         x = self.norm1(x).view(b, height, width, c)
         # zero-pad the *normalised* tokens to window multiples (bottom/right)
         pad_r, pad_b = (ws - width % ws) % ws, (ws - height % ws) % ws
         x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         hp, wp = height + pad_b, width + pad_r
-        if self.shift_size > 0:
-            x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
-        else:
-            shift_mask = None
-        windows = self.attn(window_partition(x, ws), shift_mask, text)
+        if shift:
+            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
+        windows = self.attn(window_partition(x, ws), shift_mask if shift else None, text)
         x = window_reverse(windows, ws, hp, wp)
-        if self.shift_size > 0:
-            x = torch.roll(x, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
+        if shift:
+            x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
         x = x[:, :height, :width, :].reshape(b, hw, c)
         x = shortcut + self.drop_path(x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
@@ -262,28 +262,42 @@ class BasicLayer(nn.Module):
         self.shift_size = window_size // 2
 
     def shift_mask(self, height: int, width: int, device) -> torch.Tensor:
-        """(nW, N, N) attention mask of the shifted windows for an (H, W) map: 0 within a
-        region, -100.0 across regions (upstream value, not -inf)."""
-        ws, ss = self.window_size, self.shift_size
-        # ceil to window multiples with non-negative operands only: traced for ONNX, a floor
-        # division of a negative size becomes ONNX Div, which truncates (a wrong, smaller mask)
-        hp, wp = (height + ws - 1) // ws * ws, (width + ws - 1) // ws * ws
-        img = torch.zeros((1, hp, wp, 1), device=device)
-        cnt = 0
-        for hs in (slice(0, -ws), slice(-ws, -ss), slice(-ss, None)):
-            for wsl in (slice(0, -ws), slice(-ws, -ss), slice(-ss, None)):
-                img[:, hs, wsl, :] = cnt
-                cnt += 1
-        mw = window_partition(img, ws).squeeze(-1)
-        mask = mw.unsqueeze(1) - mw.unsqueeze(2)
-        return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+        """The stage's (nW, N, N) shifted-window mask for an (H, W) map (:func:`shift_window_mask`)."""
+        return shift_window_mask(height, width, self.window_size, self.shift_size, device)
+
+
+@dataclass
+class SwinState:
+    """The image side part-way through the pyramid.
+
+    Attributes:
+        tokens: (B, H*W, C) tokens entering block ``next_block`` (after the previous stage's
+            PatchMerging when a stage was completed); after the last block, the raw output of the
+            last stage (no norm).
+        height, width: H, W of the token map.
+        next_block: flat index (over all stages) of the next block to run.
+        stage_outputs: {"res{i+2}": (B, C_i, H_i, W_i)} normalised outputs of the completed
+            stages listed in ``out_indices``.
+    """
+
+    tokens: torch.Tensor
+    height: int
+    width: int
+    next_block: int = 0
+    stage_outputs: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+# called before a fused block with (flat block index, the block's input tokens (B, H*W, C));
+# returns the text state that block attends to
+FusionStep = Callable[[int, torch.Tensor], TextContext]
 
 
 class SwinTransformer(nn.Module):
-    """Swin backbone; blocks listed in ``fused_blocks`` carry image->text cross-attention.
+    """Swin backbone whose blocks listed in ``fused_blocks`` carry image->text cross-attention.
 
-    ``forward`` runs the whole pyramid; the fusion backbone drives the text side through the
-    ``fusion_step`` callback, called once per fused block with the block's input tokens.
+    :meth:`forward` runs the whole pyramid and returns the normalised stage outputs; the fusion
+    backbone runs it in pieces (:meth:`embed`, :meth:`run`) and drives the text side through a
+    :data:`FusionStep` callback, called once per fused block with the block's input tokens.
     """
 
     def __init__(
@@ -299,8 +313,10 @@ class SwinTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         out_indices: Sequence[int] = (1, 2, 3),
         text_dim: Optional[int] = None,
-        num_fused_blocks: int = 0,
+        fused_blocks: Sequence[Tuple[int, int]] = (),
         i2t_query_norm: bool = False,
+        shift_single_window: bool = True,
+        final_norm: bool = False,
         use_checkpoint: bool = False,
     ):
         """
@@ -309,8 +325,12 @@ class SwinTransformer(nn.Module):
             drop_path_rate: the last block's drop-path rate (linear from 0 over all blocks).
             out_indices: stages whose outputs are returned (each gets ``norm{i}``).
             text_dim: width of the text hidden states the fused blocks attend to.
-            num_fused_blocks: the last N blocks (over all stages) get image->text attention.
+            fused_blocks: (stage, block) of every block that gets image->text attention; the
+                fusion backbone (``fusion.py``) decides which.
             i2t_query_norm: FIBER v3's LayerNorm on the cross-attention query.
+            shift_single_window: False for timm's rule (see :class:`SwinBlock`).
+            final_norm: create the classifier's final LayerNorm ``norm`` over the last stage
+                (applied by the caller, e.g. the coarse model's contrastive image path).
             use_checkpoint: activation checkpointing of every block in training.
         """
         super().__init__()
@@ -321,31 +341,27 @@ class SwinTransformer(nn.Module):
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
         self.patch_embed.norm = nn.LayerNorm(embed_dim)
-        total = sum(depths)
-        if not 0 <= num_fused_blocks <= total:
-            raise ValueError(f"num_fused_blocks={num_fused_blocks} outside [0, {total}]")
-        if num_fused_blocks and text_dim is None:
+        fused = {tuple(b) for b in fused_blocks}
+        unknown = sorted(b for b in fused if not (0 <= b[0] < len(depths) and 0 <= b[1] < depths[b[0]]))
+        if unknown:
+            raise ValueError(f"fused_blocks {unknown} do not exist in a Swin with depths {tuple(depths)}")
+        if fused and text_dim is None:
             raise ValueError("fused blocks need text_dim")
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, total, device="cpu")]
         self.num_features = [int(embed_dim * 2**i) for i in range(self.num_layers)]
+        self.block_positions: List[Tuple[int, int]] = [(i, j) for i, d in enumerate(depths) for j in range(d)]
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, len(self.block_positions), device="cpu")]
         self.layers = nn.ModuleList()
-        k = 0
         for i, depth in enumerate(depths):
-            dim = self.num_features[i]
-            blocks = []
-            for j in range(depth):
-                fused = k >= total - num_fused_blocks
-                blocks.append(
-                    SwinBlock(
-                        dim, num_heads[i], window_size, 0 if j % 2 == 0 else window_size // 2,
-                        mlp_ratio, dpr[k], text_dim if fused else None, i2t_query_norm,
-                    )
-                )
-                k += 1
-            down = PatchMerging(dim) if i < self.num_layers - 1 else None
-            self.layers.append(BasicLayer(blocks, down, window_size))
+            dim, first = self.num_features[i], sum(depths[:i])
+            blocks = [
+                SwinBlock(dim, num_heads[i], window_size, 0 if j % 2 == 0 else window_size // 2, mlp_ratio,
+                          dpr[first + j], text_dim if (i, j) in fused else None, i2t_query_norm, shift_single_window)
+                for j in range(depth)
+            ]
+            self.layers.append(BasicLayer(blocks, PatchMerging(dim) if i < self.num_layers - 1 else None, window_size))
         for i in self.out_indices:
             self.add_module(f"norm{i}", nn.LayerNorm(self.num_features[i]))
+        self.norm = nn.LayerNorm(self.num_features[-1]) if final_norm else None
         self.apply(_init_weights)
 
     @classmethod
@@ -355,45 +371,70 @@ class SwinTransformer(nn.Module):
             raise ValueError(f"unknown Swin preset {name!r}; choose from {sorted(SWIN_PRESETS)}")
         return cls(**{**SWIN_PRESETS[name], **kwargs})
 
-    def _patch_embed(self, images):
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_positions)
+
+    def block(self, k: int) -> SwinBlock:
+        """The block at flat index k (over all stages)."""
+        i, j = self.block_positions[k]
+        return self.layers[i].blocks[j]
+
+    def embed(self, images: torch.Tensor) -> SwinState:
+        """(B, 3, H, W) normalised images -> the state before block 0 (patch embedding, its
+        LayerNorm; inputs zero-padded to a multiple of the patch size)."""
         ps = self.patch_size
         _, _, h, w = images.shape
         images = F.pad(images, (0, (ps - w % ps) % ps, 0, (ps - h % ps) % ps))
         x = self.patch_embed.proj(images)
         hh, ww = x.shape[-2:]
-        return self.patch_embed.norm(x.flatten(2).transpose(1, 2)), hh, ww
+        return SwinState(self.patch_embed.norm(x.flatten(2).transpose(1, 2)), hh, ww)
 
     def _run_block(self, blk, x, h, w, mask, text):
         if self.use_checkpoint and self.training and torch.is_grad_enabled():
             return torch_checkpoint.checkpoint(blk, x, h, w, mask, text, use_reentrant=False)
         return blk(x, h, w, mask, text)
 
-    def forward(self, images: torch.Tensor, fusion_step=None) -> dict:
+    def run(self, state: SwinState, stop: Optional[int] = None, fusion_step: Optional[FusionStep] = None) -> SwinState:
+        """Runs blocks ``state.next_block`` .. ``stop - 1`` (None: to the end).
+
+        A stage's output (``norm{i}`` applied when i is in ``out_indices``) is recorded and its
+        PatchMerging applied right after its last block. ``fusion_step`` None runs the fused
+        blocks without cross-attention. Returns a new state; ``state`` is not modified.
+        """
+        stop = self.num_blocks if stop is None else stop
+        x, h, w = state.tokens, state.height, state.width
+        outs = dict(state.stage_outputs)
+        masks: Dict[int, torch.Tensor] = {}
+        for k in range(state.next_block, stop):
+            i, j = self.block_positions[k]
+            layer, blk = self.layers[i], self.layers[i].blocks[j]
+            mask = None
+            if blk.shifts(h, w):
+                if i not in masks:
+                    masks[i] = layer.shift_mask(h, w, x.device).to(x.dtype)
+                mask = masks[i]
+            text = fusion_step(k, x) if (blk.fused and fusion_step is not None) else None
+            x = self._run_block(blk, x, h, w, mask, text)
+            if j == len(layer.blocks) - 1:
+                if i in self.out_indices:
+                    out = getattr(self, f"norm{i}")(x)
+                    outs[f"res{i + 2}"] = out.view(-1, h, w, self.num_features[i]).permute(0, 3, 1, 2).contiguous()
+                if layer.downsample is not None:
+                    x = layer.downsample(x, h, w)
+                    h, w = (h + 1) // 2, (w + 1) // 2
+        return SwinState(x, h, w, max(stop, state.next_block), outs)
+
+    def forward(self, images: torch.Tensor, fusion_step: Optional[FusionStep] = None) -> Dict[str, torch.Tensor]:
         """
         Args:
             images: (B, 3, H, W) normalised images.
-            fusion_step: callable ``(image_tokens (B, h*w, C)) -> TextContext`` invoked once per
-                fused block, before the block runs, with the block's input tokens; it returns the
-                text state the block attends to (and advances the text tower). None runs the
-                fused blocks without cross-attention.
+            fusion_step: see :data:`FusionStep`; None runs the fused blocks without cross-attention.
         Returns:
             {"res{i+2}": (B, C_i, H/stride_i, W/stride_i)} for i in ``out_indices`` (Detectron2
             naming: res2 is the stride-4 stage 0, ..., res5 the stride-32 stage 3).
         """
-        x, h, w = self._patch_embed(images)
-        outs = {}
-        for i, layer in enumerate(self.layers):
-            mask = layer.shift_mask(h, w, x.device).to(x.dtype)
-            for blk in layer.blocks:
-                text = fusion_step(x) if (blk.fused and fusion_step is not None) else None
-                x = self._run_block(blk, x, h, w, mask, text)
-            if i in self.out_indices:
-                out = getattr(self, f"norm{i}")(x)
-                outs[f"res{i + 2}"] = out.view(-1, h, w, self.num_features[i]).permute(0, 3, 1, 2).contiguous()
-            if layer.downsample is not None:
-                x = layer.downsample(x, h, w)
-                h, w = (h + 1) // 2, (w + 1) // 2
-        return outs
+        return self.run(self.embed(images), fusion_step=fusion_step).stage_outputs
 
     def freeze(self, freeze_at: int) -> None:
         """Detectron2 semantics: ``freeze_at >= 1`` freezes the patch embedding (the "stem"),

@@ -3,7 +3,8 @@
 Parameter names follow HF BERT/RoBERTa (``embeddings.*``, ``encoder.layer.k.attention.self.query``
 ...) so HF checkpoints and official FIBER checkpoints load by name. HF's own layers cannot be
 reused: FIBER's cross-attention takes 512/1024-d image keys and is added to the self-attention
-output *before* the residual and LayerNorm (spec §3.3).
+output *before* the residual and LayerNorm, and the coarse-grained model's fused path skips the
+last layer's output LayerNorm (``last_norm``).
 
 Shapes: B batch, T tokens, D hidden size (768 for roberta-base, 384 for MiniLM).
 """
@@ -148,13 +149,15 @@ class _AttentionBlock(nn.Module):
 
 
 class TextLayer(nn.Module):
-    """One transformer layer; with ``image_dim`` it also attends to image tokens (spec §3.3):
+    """One transformer layer; with ``image_dim`` it also attends to image tokens:
 
         a  = dropout(dense(SelfAttn(h)))                     # no residual yet
         a += alpha_t2i * dropout(dense_c(CrossAttn(q=a, kv=image)))   # fused layers only
         h1 = LN(a + h);  out = LN(dropout(dense(GELU(intermediate(h1)))) + h1)
 
-    With ``alpha_t2i`` = 0 or no image this is exactly a BERT/RoBERTa layer.
+    The cross-attention's keys/values are the image tokens as they are (no mask, no norm). With
+    ``alpha_t2i`` = 0 or no image this is exactly a BERT/RoBERTa layer. ``last_norm=False`` leaves
+    out the final LN (the official coarse model's last fused text layer).
     """
 
     def __init__(self, cfg: TextEncoderConfig, image_dim: Optional[int] = None):
@@ -170,15 +173,16 @@ class TextLayer(nn.Module):
             self.crossattention_t2i = _AttentionBlock(cfg, image_dim, with_norm=False)
             self.alpha_t2i = nn.Parameter(torch.zeros(1))
 
-    def forward(self, hidden, mask, image_tokens=None):
-        """hidden (B, T, D), mask (B, 1, 1, T) additive, image_tokens (B, S, image_dim) or None."""
+    def forward(self, hidden, mask, image_tokens=None, last_norm: bool = True):
+        """hidden (B, T, D), mask (B, 1, 1, T) additive, image_tokens (B, S, image_dim) or None
+        -> (B, T, D)."""
         a = self.attention.output(self.attention.self(hidden, mask=mask))
         if image_tokens is not None and self.image_dim is not None:
             c = self.crossattention_t2i.self(a, kv=image_tokens)  # no mask over image tokens
             a = a + self.alpha_t2i * self.crossattention_t2i.output(c)
         h1 = self.attention.output.LayerNorm(a + hidden)
         y = self.output(self.act(self.intermediate.dense(h1)))
-        return self.output.LayerNorm(y + h1)
+        return self.output.LayerNorm(y + h1) if last_norm else y + h1
 
 
 class TextEncoder(nn.Module):
@@ -223,12 +227,12 @@ class TextEncoder(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embeddings(input_ids)
 
-    def run_layer(self, k: int, hidden, mask, image_tokens=None):
-        """Layer k on hidden (B, T, D) with additive mask (B, 1, 1, T)."""
+    def run_layer(self, k: int, hidden, mask, image_tokens=None, last_norm: bool = True):
+        """Layer k on hidden (B, T, D) with additive mask (B, 1, 1, T) (see :class:`TextLayer`)."""
         layer = self.encoder.layer[k]
         if self.use_checkpoint and self.training and torch.is_grad_enabled():
-            return torch_checkpoint.checkpoint(layer, hidden, mask, image_tokens, use_reentrant=False)
-        return layer(hidden, mask, image_tokens)
+            return torch_checkpoint.checkpoint(layer, hidden, mask, image_tokens, last_norm, use_reentrant=False)
+        return layer(hidden, mask, image_tokens, last_norm)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text only: (B, T) ids and 0/1 mask -> (B, T, D) last hidden states."""
