@@ -142,7 +142,8 @@ def measure_chunked_eval(model, builder, cfg, args, device, autocast=None):
     return {
         "sequential_s": sequential_s, "shared_s": shared_s, "speedup": sequential_s / shared_s,
         # CPU time of this process: on a shared machine less sensitive to other processes than wall time
-        "sequential_cpu_s": sequential_cpu_s, "shared_cpu_s": shared_cpu_s, "speedup_cpu": sequential_cpu_s / shared_cpu_s,
+        "sequential_cpu_s": sequential_cpu_s, "shared_cpu_s": shared_cpu_s,
+        "speedup_cpu": sequential_cpu_s / shared_cpu_s,
         "max_abs_score_diff": max(d.max_abs_score_diff for d in diffs),
         "max_abs_box_diff": max(d.max_abs_box_diff for d in diffs),
         "detections_equal": all(d.equal for d in diffs),
