@@ -56,6 +56,11 @@ def add_fiber_config(cfg: CN) -> CN:
     f.TEXT.PAD_TO_MAX = True  # pad every caption to MAX_QUERY_LEN (official); False: to the
     # longest caption of the batch (faster; equal up to float round-off)
 
+    # ---- attention kernels (Swin window attention, text self-attention, both cross-attentions) ----
+    f.SDPA = True  # torch.nn.functional.scaled_dot_product_attention (fused kernels; equal up to
+    # float rounding, ~1e-6; inference 1.1-1.9x faster on CPU, training as fast); False: the
+    # upstream matmul / softmax sequence
+
     # ---- fusion ----
     f.FUSION = CN()
     f.FUSION.NUM_LAYERS = 6  # the last N Swin blocks pair with the last N text layers; 0 = no fusion
@@ -102,7 +107,9 @@ def _add_coarse_config(cfg: CN) -> None:
     c.IMAGE_SIZE = 384  # inputs are IMAGE_SIZE x IMAGE_SIZE; MODEL.FIBER.SWIN.WINDOW_SIZE must be IMAGE_SIZE / 32
     c.EMBED_DIM = 768  # width of the cross-modal projections, poolers and heads (official "hidden_size")
     c.ITC_ON = True  # image-text contrastive loss (queue, temperature)
-    c.ITM_ON = True  # image-text matching; training draws hard negatives from the ITC scores (needs ITC_ON)
+    c.ITM_ON = True  # image-text matching; with ITC_ON training draws hard negatives from the ITC
+    # scores (pre-training), without it random ones: each pair keeps its image or, for half of the
+    # batch, takes a random training image (the official ITM retrieval fine-tuning)
     c.MLM_ON = True  # masked language modelling on the fused text
     c.QUEUE_SIZE = 4096  # ITC queue length (features, and for ITM the raw images, ids and masks)
     c.TEMPERATURE = 0.07  # initial ITC temperature (learned, clamped to [0.001, 1] before each use)
@@ -135,7 +142,8 @@ def _add_solver_config(cfg: CN) -> None:
     CLIP_GRADIENTS.* are Detectron2's own."""
     s = cfg.SOLVER
     s.LANG_LR = 1e-5  # learning rate of every parameter named "language_backbone" / text tower
-    s.BACKBONE_BODY_LR_FACTOR = 1.0  # LR factor of the Swin body (not the text tower)
+    s.BACKBONE_BODY_LR_FACTOR = 1.0  # LR factor of the Swin body (not the text tower); also of
+    # the coarse model's Swin (with its i2t modules), on top of SOLVER.COARSE's multipliers
     s.WEIGHT_DECAY_NORM_FACTOR = 1.0  # weight decay factor of parameters named "norm"/"Norm"
     s.STEP_FRACTIONS = []  # LR milestones as fractions of MAX_ITER (used when non-empty; else STEPS)
     s.MAX_EPOCH = 0  # > 0: MAX_ITER = MAX_EPOCH * len(train set) // IMS_PER_BATCH
@@ -144,6 +152,21 @@ def _add_solver_config(cfg: CN) -> None:
     s.FUSED_OPTIMIZER = False  # AdamW's fused kernel (torch ``fused=True``): one pass per tensor instead
     # of one per arithmetic op (~3x faster steps on CPU), the same update up to float rounding;
     # False: the multi-tensor ("foreach") AdamW
+    s.WARMUP_FRACTION = 0.0  # > 0: WARMUP_ITERS = int(MAX_ITER * WARMUP_FRACTION) (official coarse: 0.1)
+    # SOLVER.LR_SCHEDULER_NAME (Detectron2's key): "WarmupMultiStepLR" (fine-grained: linear warmup
+    # from WARMUP_FACTOR, x GAMMA at the milestones) or "WarmupLinearDecayLR" (coarse: linear warmup
+    # from 0 over WARMUP_ITERS, then linear decay to 0 at MAX_ITER)
+    s.ACCUMULATE_STEPS = 1  # micro-batches per optimizer step: each process runs IMS_PER_BATCH /
+    # (processes * ACCUMULATE_STEPS) samples per forward, losses / ACCUMULATE_STEPS (the ITC queue
+    # is updated after every micro-batch, as the official gradient accumulation does)
+    a = s.ADAMW = CN()
+    a.UPDATE = "torch"  # "torch": torch.optim.AdamW (fine-grained); "transformers": eps before the
+    # bias correction, weight decay after the step (transformers' AdamW, the official coarse optimiser)
+    a.BETAS = (0.9, 0.999)  # (beta1, beta2); official coarse: (0.9, 0.98)
+    a.EPS = 1e-8
+    c = s.COARSE = CN()  # learning-rate multipliers of the coarse model's parameter groups
+    c.LR_MULT_CROSS_MODAL = 5.0  # names with "cross_modal", "i2t" or "t2i"
+    c.LR_MULT_HEAD = 5.0  # the MLM / ITM heads (official pre-training and retrieval: 5)
     s.AMP.DTYPE = "float16"  # autocast dtype when AMP.ENABLED: "float16" (GradScaler) or "bfloat16"
     s.MAX_NEG_PER_BATCH = 0.1  # skip a batch if more than this fraction of its images has no box
     s.NONFINITE_PATIENCE = 5  # consecutive non-finite losses (steps skipped) before training stops
@@ -159,7 +182,12 @@ def _add_test_config(cfg: CN) -> None:
     t.CHUNK_SIZE = 0  # categories per prompt at test time (LVIS: 40); 0 = one prompt, split
     # automatically only when it would exceed MODEL.FIBER.TEXT.MAX_QUERY_LEN tokens
     t.PROMPTS_PER_BATCH = 8  # (image, prompt) pairs per forward when inputs carry several prompts
-    # (at least the images of the batch)
+    # (sequential path: at least the images of the batch)
+    t.SHARED_PREFIX = True  # inference computes each image's Swin prefix (blocks before the first
+    # fused one) once and each prompt's text prefix once (cached across images), then the fused
+    # part per (image, prompt) pair; every image at its own padded size. False: every pair through
+    # the whole network, a call's images padded to a common size (the parity path). Equal per image
+    # up to float rounding (fiber_det/modeling/shared_prefix.py); faster with several prompts
     t.COCO_BOX_PLUS_ONE = True  # COCO results as xywh with w = x2 - x1 + 1 (official; paper numbers)
     t.LVIS_TOPK_PER_CATEGORY = 10000  # FixedAP: detections kept per category over the dataset
     r = t.RETRIEVAL = CN()  # image-text retrieval evaluation (evaluator_type "retrieval")

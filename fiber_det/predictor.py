@@ -13,7 +13,9 @@ Prompts (one shared by all images, or a list with one per image):
     else the whole caption plus its comma / "and"-separated parts);
   * category names: a list of strings (label k + 1 is name k). A vocabulary whose prompt exceeds
     MODEL.FIBER.TEXT.MAX_QUERY_LEN tokens (or any, with TEST.CHUNK_SIZE > 0) is split into chunk
-    prompts (:meth:`fiber_det.data.prompt.PromptBuilder.chunks`) that the model runs and merges
+    prompts (:meth:`fiber_det.data.prompt.PromptBuilder.chunks`) that the model runs (with
+    TEST.SHARED_PREFIX: the image prefix once per image, each chunk's text prefix once per
+    predictor, :mod:`fiber_det.modeling.shared_prefix`) and merges
     with :func:`fiber_det.modeling.postprocess.merge_chunk_detections`, the evaluators' rule,
     except that the merged list keeps only the TEST.DETECTIONS_PER_IMAGE best (exactly that many,
     not upstream's tie-keeping k-th value rule, which stays within each chunk);
@@ -120,9 +122,10 @@ class FIBERPredictor:
             official FIBER checkpoints are converted on the fly; files that would run code are
             refused), MODEL.DEVICE picks the device (a CUDA device without CUDA: the CPU).
         amp_dtype: None (fp32) or torch.float16 / torch.bfloat16 (or their names) for autocast.
-        batch_size: default images per forward. 1 by default: images of different resized sizes
-            are zero-padded to a common size in a batch, which changes the features near their
-            borders, so batched results equal single-image ones only for equal resized sizes.
+        batch_size: default images per forward (1). With TEST.SHARED_PREFIX (the default) every
+            image runs at its own size, so a batch gives each image's single-image result; without
+            it images of different resized sizes are zero-padded to a common size, which changes
+            the features near their borders.
     """
 
     def __init__(self, cfg, *, amp_dtype=None, batch_size: int = 1):

@@ -119,3 +119,43 @@ def test_bad_arguments_are_refused():
         benchmark.parse_args(["--only", "train,speed"])
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--opts", "MODEL.DEVICE"])
+
+
+def test_chunked_eval_section_prints_its_json_last(tmp_path, capsys):
+    """Both inference paths on one real photo against the 1,203 LVIS v1 names (63 chunks of the
+    tiny config's 64 tokens), detections compared."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "coffee.jpg").write_bytes((REPO / "datasets" / "real_photos" / "images" / "coffee.jpg").read_bytes())
+    argv = ["--config-file", CONFIG, "--device", "cpu", "--section", "chunked-eval", "--images", str(photos),
+            "--chunk-batch", "32"]
+    assert benchmark.main(argv) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("sequential_s", "shared_s", "speedup", "max_abs_score_diff", "detections_equal", "num_images",
+                "num_chunks", "device"):
+        assert key in line, key
+    assert line["detections_equal"] is True and line["max_abs_score_diff"] <= 2e-5
+    assert line["num_images"] == 1 and line["num_categories"] == 1203 and line["num_chunks"] == 63
+    assert line["num_detections"] >= 63 * 100  # threshold 0: every chunk fills its 100
+    assert line["speedup"] == pytest.approx(line["sequential_s"] / line["shared_s"])
+    assert line["flops"]["shared"] < line["flops"]["sequential"] and line["flop_bound_speedup"] > 1
+    assert line["text_prefix_cache_entries"] == 63 and line["chunk_batch"] == 32
+
+
+def test_variant_sections_are_known():
+    args = benchmark.parse_args(["--section", "chunked-eval,sdpa,compile"])
+    assert args.sections == ["chunked-eval", "sdpa", "compile"]
+    assert benchmark.parse_args([]).sections == ["train", "infer", "flops"]
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--section", "chunked-eval", "--num-images", "-1"])
+
+
+def test_sdpa_section_compares_the_same_weights(capsys):
+    argv = ["--config-file", CONFIG, "--device", "cpu", "--section", "sdpa", "--batch", "1", "--height", "64",
+            "--width", "96", "--iters", "1", "--warmup", "0"]
+    assert benchmark.main(argv) == 0
+    sdpa = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sdpa"]
+    for key in ("eager_forward_s", "sdpa_forward_s", "eager_train_fwd_bwd_s", "sdpa_train_fwd_bwd_s"):
+        assert math.isfinite(sdpa[key]) and sdpa[key] > 0, key
+    assert sdpa["forward_speedup"] == pytest.approx(sdpa["eager_forward_s"] / sdpa["sdpa_forward_s"])
+    assert sdpa["max_abs_token_logit_diff"] < 1e-4  # other kernels, other rounding, same function

@@ -20,6 +20,12 @@ EXPECTED_PARAMS = {
     # the official coarse model's 281,897,191 (384 px, ITC + ITM + MLM) minus its unused text pooler
     # (590,592), alpha_t2i of layers 0-5 (6), cross-attention output LayerNorms (9,216), rank_output (1,537)
     "coarse/Base-FIBER-B-coarse.yaml": (281_295_840, 281_295_840),
+    "coarse/FIBER-B-pretrain.yaml": (281_295_840, 281_295_840),
+    # ITC only at 576 px: no MLM head (39,245,913) nor ITM head (3,074); position tables for window
+    # 18 instead of 12 (1225 - 529 rows x the heads of the 24 blocks: 2x4 + 2x8 + 18x16 + 2x32 = 376)
+    "coarse/FIBER-B-retrieval-coco-itc.yaml": (281_295_840 - 39_245_913 - 3_074 + 696 * 376,) * 2,
+    # ITM only at 384 px: no MLM head, no ITC temperature
+    "coarse/FIBER-B-retrieval-coco-itm.yaml": (281_295_840 - 39_245_913 - 1,) * 2,
 }
 
 
@@ -38,8 +44,9 @@ def test_every_config_is_listed():
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_loads_and_builds(name):
     cfg = _cfg(name)
-    assert cfg.MODEL.META_ARCHITECTURE == ("FiberCoarsePretrain" if name.startswith("coarse/") else "FIBER")
-    if name.startswith(("quick_schedules/", "coarse/FIBER-coarse-tiny")):
+    coarse_model = name.startswith(("coarse/", "quickstart/fiber_tiny_coarse"))  # not the detectors started from one
+    assert cfg.MODEL.META_ARCHITECTURE == ("FiberCoarsePretrain" if coarse_model else "FIBER")
+    if name.startswith(("quick_schedules/", "coarse/FIBER-coarse-tiny", "quickstart/")):
         model = build_model(cfg)
     else:  # Swin-B sized: build on the meta device (shapes only, no memory)
         cfg.MODEL.DEVICE = "meta"

@@ -5,6 +5,10 @@ kernel launches, FLOPs and model-FLOPs utilisation (MFU), next to the official F
     python tools/benchmark.py --amp fp16 --opts MODEL.FIBER.SWIN.USE_CHECKPOINT True
     python tools/benchmark.py --config-file configs/quick_schedules/FIBER-tiny.yaml --device cpu \\
         --batch 1 --height 128 --width 160 --iters 2 --warmup 1
+    python tools/benchmark.py --config-file configs/quick_schedules/FIBER-tiny.yaml --device cpu --section chunked-eval
+
+Sections: train, infer, flops (the default) and chunked-eval, sdpa, compile (two ways of running
+the same model, fiber_det/utils/benchmark_variants.py): with these the last line is one JSON object.
 
 The model has random weights and sees synthetic inputs: random uint8 BGR images of
 --height x --width (padded by the model to a multiple of 32: 800x1333 -> 800x1344), the 80-class
@@ -59,10 +63,12 @@ from detectron2.structures import Boxes, Instances  # noqa: E402
 from fiber_det import add_fiber_config  # noqa: E402
 from fiber_det.data.prompt import Prompt, PromptBuilder  # noqa: E402
 from fiber_det.engine.optimizer import build_optimizer  # noqa: E402
+from fiber_det.utils import benchmark_variants  # noqa: E402
 from fiber_det.utils.flops import count_flops  # noqa: E402
 from fiber_det.utils.paths import REPO_ROOT  # noqa: E402
 
-SECTIONS = ("train", "infer", "flops")
+DEFAULT_SECTIONS = ("train", "infer", "flops")
+SECTIONS = DEFAULT_SECTIONS + benchmark_variants.SECTIONS
 AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # H100 SXM dense peaks (TFLOP/s) per training dtype; fp32 assumes TF32 tensor cores (plain FP32: 67)
 PEAK_TFLOPS = {"none": 495.0, "fp16": 989.0, "bf16": 989.0}
@@ -94,7 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config-file", default=str(REPO_ROOT / "configs" / "Base-FIBER-SwinB.yaml"))
     p.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE", help="config overrides")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--only", "--section", dest="only", default=",".join(DEFAULT_SECTIONS),
+                   help=f"comma-separated subset of {','.join(SECTIONS)} (default: {','.join(DEFAULT_SECTIONS)})")
     p.add_argument("--batch", type=int, default=2, help="training images per step")
     p.add_argument("--height", type=int, default=800, help="image height (before padding to 32)")
     p.add_argument("--width", type=int, default=1333, help="image width (before padding to 32)")
@@ -114,6 +121,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s for MFU. CUDA default by --amp (H100 SXM dense): fp16/bf16 989, "
                         "none 495 (TF32; plain FP32 is 67). CPU: no default (MFU n/a)")
+    benchmark_variants.add_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="write the results as JSON to this file")
     args = p.parse_args(argv)
@@ -123,9 +131,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--only {args.only!r}: unknown section(s) {unknown}; choose from {','.join(SECTIONS)}")
     if len(args.opts) % 2:
         p.error(f"--opts needs KEY VALUE pairs, got {len(args.opts)} items")
-    for name in ("batch", "height", "width", "infer_batch", "iters", "boxes_per_image"):
+    for name in ("batch", "height", "width", "infer_batch", "iters", "boxes_per_image", "chunk_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.num_images < 0 or args.chunk_batch < 0:
+        p.error("--num-images and --chunk-batch must be >= 0")
     return args
 
 
@@ -442,6 +452,8 @@ def run_benchmark(args) -> dict:
         measure_infer(model, args, single, synthetic_inputs(args.infer_batch, h, w, prompt, gen), device, rows)
     if "flops" in args.sections:
         measure_flops(model, args, single, train_inputs, device, rows, counts)
+    variants = benchmark_variants.run_sections(model, builder, cfg, args, single, train_inputs, device,
+                                            _autocast(device, AMP_DTYPES[args.infer_amp]))
     peak = add_mfu(args, device, rows)
     padded = model.preprocess_images(single).tensor.shape[-2:]
     tokens = model.text_inputs([prompt])[0].shape[1]
@@ -461,6 +473,7 @@ def run_benchmark(args) -> dict:
         "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
         "torchvision": torchvision.__version__, "cuda": torch.version.cuda, "settings": settings,
         "measurements": {name: {"value": value, "unit": unit} for name, value, unit in rows},
+        "variants": variants,
         "flop_counts": counts,
         "reference": {name: {"value": value, "unit": unit} for name, value, unit in REFERENCE},
         "config": cfg.dump(),
@@ -476,15 +489,19 @@ def main(argv=None) -> int:
           f"{s['padded_size'][0]}x{s['padded_size'][1]}) | amp {s['amp']} | infer amp {s['infer_amp']} | "
           f"prompt {s['prompt_categories']} classes, {s['prompt_tokens']} tokens | tokenizer: {s['tokenizer']}")
     rows = [(k, v["value"], v["unit"]) for k, v in result["measurements"].items()]
-    print_table(rows, "Measured")
-    print_table([(k, v["value"], v["unit"]) for k, v in result["reference"].items()],
-                "Official FIBER-B reference (official code; H100, batch 2, 800x1333)")
+    if rows:
+        print_table(rows, "Measured")
+        print_table([(k, v["value"], v["unit"]) for k, v in result["reference"].items()],
+                    "Official FIBER-B reference (official code; H100, batch 2, 800x1333)")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
         print(f"\nwrote {args.output}")
-    return 0 if all(v is None or math.isfinite(v) for _, v, _ in rows) else 1
+    if result["variants"]:
+        print(benchmark_variants.summary_line(result, args))
+    equal = result["variants"].get("chunked-eval", {}).get("detections_equal", True)
+    return 0 if equal and all(v is None or math.isfinite(v) for _, v, _ in rows) else 1
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
     python tools/check_reference_parity.py --fixture ../shared/fixtures/fiber_ref_v2_single.pt
     python tools/check_reference_parity.py --fixture ../shared/fixtures/fiber_coarse_ref_dev.pt
+    python tools/check_reference_parity.py --fixture ../shared/fixtures/fiber_ref_v2_single.pt \
+        --opts MODEL.FIBER.SDPA False     # an option that must keep parity, switched
 
 Recognises the fixture by its contents: a fine-grained detector fixture (FIXTURE_FORMAT.md) or a
 coarse-grained image-text fixture (COARSE_FIXTURE_FORMAT.md, it stores ITC outputs). Builds the
@@ -25,10 +27,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fixture", required=True, help="path of a fixture .pt file (FIXTURE_FORMAT.md or COARSE_FIXTURE_FORMAT.md)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the fixture's own files)")
+    parser.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
+                        help="config overrides of the model built from the fixture (options that keep parity)")
     args = parser.parse_args(argv)
+    if len(args.opts) % 2:
+        parser.error(f"--opts needs KEY VALUE pairs, got {len(args.opts)} items")
     fixture = load_fixture(args.fixture)
     check = check_coarse_fixture if is_coarse_fixture(fixture) else check_fixture
-    results = check(fixture, args.tokenizer)
+    results = check(fixture, args.tokenizer, args.opts)
     for r in results:
         print(r.line())
     checked = [r for r in results if not r.skipped]

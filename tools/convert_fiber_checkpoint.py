@@ -163,11 +163,11 @@ def main(argv=None) -> int:
     except ConversionError as e:
         print(f"[convert] ERROR: {e}", file=sys.stderr)
         return 1
-    torch.save(
-        {"model": sd, "__author__": f"fiber-det convert_fiber_checkpoint.py from {os.path.basename(args.input)}",
-         "matching_heuristics": False},
-        args.output,
-    )
+    out = {"model": sd, "__author__": f"fiber-det convert_fiber_checkpoint.py from {os.path.basename(args.input)}",
+           "matching_heuristics": False}
+    if report.fresh:  # a coarse init: FiberCheckpointer lets exactly these model keys stay at their init
+        out["fresh_keys"] = list(report.fresh)
+    torch.save(out, args.output)
     print(f"[convert] wrote {args.output} ({len(sd)} tensors)")
     if args.config_out:
         with open(args.config_out, "w") as f:

@@ -20,7 +20,9 @@ File formats (--predictions), as written to the evaluator's output folder:
           --gt: the COCO-format json with annotations.
   lvis    lvis_instances_results.json: the same list with LVIS category ids and w = x2 - x1, already
           reduced to the FixedAP selection (top --lvis-topk per category, non-zero area); the
-          selection is applied again (a no-op on this file). --gt: the LVIS json.
+          selection is applied again (a no-op on this file). --gt: the LVIS json. Reports the
+          official table: AP, AP50, AP75, APs/m/l, APr/c/f, AR@-1 (recall without a per-image
+          cap, standard LVIS's AR@300) and ARs/ARm/ARl@-1.
   flickr  flickr_predictions.json: {"task": "flickr", "flickr_gt_type": "separate" | "merged",
           "predictions": [{"image_id", "original_img_id", "sentence_id", "boxes": [[x1, y1, x2, y2]],
           "scores": [...], "labels": [...] (1-based phrase index in tokens_positive_eval)}]}.

@@ -7,7 +7,9 @@ reads every file with :func:`fiber_det.utils.safe_load.load_checkpoint_file` (te
 arrays and containers only), turns each key problem into an error that lists them, writes to a
 temporary file renamed into place before ``last_checkpoint`` changes, and converts an official
 (maskrcnn_benchmark) FIBER checkpoint on the fly with the same rename table and checks as
-tools/convert_fiber_checkpoint.py.
+tools/convert_fiber_checkpoint.py. A coarse model's checkpoint initialises the detector's towers
+(converted on load) or another coarse model (position tables of another image size resized,
+heads of objectives the model lacks dropped).
 """
 import logging
 import os
@@ -18,6 +20,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from ..utils.safe_load import PICKLE_EXTENSIONS, load_checkpoint_file
+from .coarse import adapt_coarse_state_dict, convert_coarse_state_dict, is_coarse_state_dict
 from .convert import ConversionError, convert_official_state_dict, list_problems, unwrap_checkpoint
 
 __all__ = ["FiberCheckpointer", "CheckpointMismatchError", "is_official_checkpoint", "atomic_write"]
@@ -126,11 +129,38 @@ class FiberCheckpointer(DetectionCheckpointer):
             if "model_ema" not in data:
                 raise KeyError(f"{filename}: no 'model_ema' entry to load EMA weights from (keys: {sorted(data)})")
             return {"model": data["model_ema"]}
-        return data if "model" in data else {"model": data}
+        checkpoint = data if "model" in data else {"model": data}
+        return self._from_coarse(checkpoint, filename)
+
+    def _from_coarse(self, checkpoint: dict, filename: str) -> dict:
+        """A coarse model's checkpoint, adapted on load as the official loaders do: into the
+        detector, its towers (converted, the rest of the detector stays fresh); into another
+        coarse model, :func:`~fiber_det.checkpoint.coarse.adapt_coarse_state_dict` (position tables
+        of another image size resized, heads the model lacks dropped). Others: unchanged."""
+        sd = checkpoint["model"]
+        if not isinstance(sd, dict) or not is_coarse_state_dict(sd):
+            return checkpoint
+        model = self.model.module if hasattr(self.model, "module") else self.model
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if any(k.startswith("backbone.bottom_up.") for k in expected):
+            new_sd, report = convert_coarse_state_dict(checkpoint, expected)
+            report.raise_if_errors()
+            logger.info("initialising the detector from the coarse checkpoint %s: %s", filename, report.summary())
+            return {"model": new_sd, "__author__": f"coarse checkpoint {filename} (converted on load)",
+                    "matching_heuristics": False, "fresh_keys": report.fresh}
+        new_sd, notes = adapt_coarse_state_dict(sd, expected)
+        if notes:
+            logger.info("%s, adapted to this coarse model:\n  %s", filename, "\n  ".join(notes))
+        return {**checkpoint, "model": new_sd}
 
     def _load_model(self, checkpoint):
+        # a coarse-grained initialisation leaves the detector's FPN, head and Swin output norms
+        # fresh; its file (converted on load, or by tools/convert_fiber_checkpoint.py) lists them
+        fresh = set(checkpoint.pop("fresh_keys", None) or ())
         incompatible = super()._load_model(checkpoint)
-        missing = [k for k in incompatible.missing_keys if not k.startswith(self.allow_missing)]
+        missing = [k for k in incompatible.missing_keys if not k.startswith(self.allow_missing) and k not in fresh]
+        if fresh:
+            logger.info("%d model tensors stay at their initialisation (not in a coarse checkpoint)", len(fresh))
         report = list_problems({
             "missing key(s)": missing,
             "unexpected key(s)": incompatible.unexpected_keys,

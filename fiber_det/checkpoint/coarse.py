@@ -11,7 +11,7 @@ against its recomputed value, dropped with a reason); anything else is an error.
 """
 import math
 import re
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from .convert import ConversionError, ConversionReport, unwrap_checkpoint
 
 __all__ = [
     "convert_official_coarse_state_dict", "convert_coarse_state_dict", "resize_relative_position_table",
+    "is_coarse_state_dict", "adapt_coarse_state_dict",
     "COARSE_RENAMES", "COARSE_DISCARDED", "OFFICIAL_COARSE_RENAMES",
 ]
 
@@ -30,6 +31,8 @@ QUEUE_KEY = re.compile(r"^(image_queue|text_queue|image_input_queue|text_input_q
                        r"queue_ptr|queue_total)$")
 BUFFER_KEY = re.compile(r"(\.relative_position_index|\.attn_mask|embeddings\.position_ids)$")
 TABLE_KEY = re.compile(r"\.relative_position_bias_table$")
+# parameters of one objective (MLM, ITM, ITC), absent when the objective is off
+OBJECTIVE_HEAD_KEY = re.compile(r"^(mlm_score|itm_score)\.|^temp$")
 # official keys our coarse model has no place for, with the reason (matched on the renamed key)
 OFFICIAL_COARSE_UNUSED = (
     (QUEUE_KEY, "ITC queue: the official loader drops it too, training starts a fresh queue"),
@@ -40,8 +43,7 @@ OFFICIAL_COARSE_UNUSED = (
     (re.compile(r"^backbone\.vision\.head\."), "Swin classifier"),
     (re.compile(r"^(vqa_classifier|nlvr2_classifier|snli_classifier|cross_modal_att_layers)\."),
      "fine-tuning head the pre-training model does not build"),
-    (re.compile(r"^(mlm_score|itm_score)\.|^temp$"),
-     "head of an objective switched off in this model (MODEL.FIBER.COARSE.*_ON)"),
+    (OBJECTIVE_HEAD_KEY, "head of an objective switched off in this model (MODEL.FIBER.COARSE.*_ON)"),
 )
 
 # coarse (official or ours) -> the fine-grained model's towers
@@ -105,6 +107,37 @@ def resize_relative_position_table(table: torch.Tensor, window: int) -> torch.Te
     maps = table.transpose(0, 1).reshape(1, -1, before, before)
     maps = F.interpolate(maps.float(), size=(after, after), mode="bicubic").to(table.dtype)
     return maps[0].permute(1, 2, 0).reshape(-1, table.shape[1])
+
+
+def is_coarse_state_dict(sd: Mapping[str, torch.Tensor]) -> bool:
+    """True for the weights of a coarse model: official (``vit_model.``) or fiber-det's
+    (``backbone.vision.``, where the detector has ``backbone.bottom_up.vision.``)."""
+    return any(k.startswith(("vit_model.", "backbone.vision.")) for k in sd)
+
+
+def adapt_coarse_state_dict(sd: Mapping[str, torch.Tensor], expected_shapes: Mapping[str, Sequence[int]]
+                            ) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """A fiber-det coarse state dict for another coarse model, as the official fine-tuning loader
+    treats it: relative-position tables of another window (another image size, e.g. 384 -> 576
+    pixels) are resized (:func:`resize_relative_position_table`), and the heads of objectives the
+    model does not have (``mlm_score``, ``itm_score``, ``temp``: e.g. pre-trained ITM/MLM heads
+    when fine-tuning ITC alone) are dropped.
+
+    Returns:
+        (state dict, one note per resized or dropped key). Any other mismatch is left for the
+        loader to report.
+    """
+    out, notes = {}, []
+    for k, v in sd.items():
+        shape = expected_shapes.get(k)
+        if shape is None and OBJECTIVE_HEAD_KEY.search(k):
+            notes.append(f"{k}: dropped (head of an objective this model does not have)")
+            continue
+        if TABLE_KEY.search(k) and shape is not None and tuple(v.shape) != tuple(shape) and v.shape[1] == shape[1]:
+            v = resize_relative_position_table(v, _table_window(shape[0]))
+            notes.append(f"{k}: resized (bicubic) from window {_table_window(sd[k].shape[0])} to {_table_window(shape[0])}")
+        out[k] = v
+    return out, notes
 
 
 def convert_official_coarse_state_dict(

@@ -11,7 +11,7 @@ hooks. Memory: only the queue images that the step can read are copied out of th
 import hashlib
 import re
 import tempfile
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,15 +59,17 @@ class _Checks:
         self.results.append(Comparison(key, 0.0, 0.0, 0.0, 0.0, True, note, skipped=True))
 
 
-def build_coarse_fixture_model(fixture: dict, tokenizer_dir: str):
+def build_coarse_fixture_model(fixture: dict, tokenizer_dir: str, opts: Sequence[str] = ()):
     """Our coarse model from the fixture's official config + converted weights, with its queue
-    state (eval mode, CPU). The fixture's Swin drop path was switched off, so is ours.
+    state (eval mode, CPU). The fixture's Swin drop path was switched off, so is ours. ``opts``:
+    ``[KEY, VALUE, ...]`` overrides of options that keep the function (e.g. MODEL.FIBER.SDPA).
 
     Returns (model, conversion report)."""
     ref = fixture["reference"]
     text_cfg = dict(ref["text_model_config_not_in_config"], model_type="roberta")
     cfg = translate_official_coarse_config(ref["config"], text_model_config=text_cfg, tokenizer=tokenizer_dir)
     cfg.MODEL.FIBER.SWIN.DROP_PATH_RATE = 0.0
+    cfg.merge_from_list(list(opts))
     cfg.MODEL.DEVICE = "cpu"
     model = build_model(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -379,11 +381,11 @@ def _source_image(sample, size: int) -> Optional[torch.Tensor]:
     return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).contiguous()
 
 
-def check_coarse_fixture(fixture: dict, tokenizer_dir: Optional[str] = None) -> List[Comparison]:
-    """Every comparison: inputs, eval mode, one training step."""
+def check_coarse_fixture(fixture: dict, tokenizer_dir: Optional[str] = None, opts: Sequence[str] = ()) -> List[Comparison]:
+    """Every comparison: inputs, eval mode, one training step (``opts``: config overrides)."""
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_dir = tokenizer_dir or write_fixture_tokenizer(fixture, tmp)
-        model, report = build_coarse_fixture_model(fixture, tokenizer_dir)
+        model, report = build_coarse_fixture_model(fixture, tokenizer_dir, opts)
         c = _Checks(fixture)
         _input_checks(c, fixture, tokenizer_dir, model)
     results = c.results + eval_coarse_comparisons(fixture, model)

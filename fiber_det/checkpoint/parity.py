@@ -9,7 +9,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -124,13 +124,15 @@ def write_fixture_tokenizer(fixture: dict, folder: str) -> str:
     return str(folder)
 
 
-def build_fixture_model(fixture: dict, tokenizer_dir: Optional[str] = None):
+def build_fixture_model(fixture: dict, tokenizer_dir: Optional[str] = None, opts: Sequence[str] = ()):
     """Our model from the fixture's official config dump + converted weights (eval mode, CPU).
+    ``opts``: ``[KEY, VALUE, ...]`` overrides of options that keep the function (e.g. MODEL.FIBER.SDPA).
 
     Returns (model, conversion report)."""
     ref = fixture["reference"]
     text_cfg = dict(ref["text_model_config_not_in_yacs"], model_type="roberta")
     cfg = translate_official_config(ref["cfg_dump"], text_model_config=text_cfg, tokenizer=tokenizer_dir or "")
+    cfg.merge_from_list(list(opts))
     cfg.MODEL.DEVICE = "cpu"
     model = build_model(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -300,12 +302,13 @@ def train_comparisons(fixture, model) -> List[Comparison]:
     return res
 
 
-def check_fixture(fixture: dict, tokenizer_dir: Optional[str] = None) -> List[Comparison]:
-    """Every comparison of eval and train mode (plus tokenizer reproduction of the input ids)."""
+def check_fixture(fixture: dict, tokenizer_dir: Optional[str] = None, opts: Sequence[str] = ()) -> List[Comparison]:
+    """Every comparison of eval and train mode (plus tokenizer reproduction of the input ids);
+    ``opts``: config overrides of the model."""
     with tempfile.TemporaryDirectory() as tmp:
         if tokenizer_dir is None:
             tokenizer_dir = write_fixture_tokenizer(fixture, tmp)
-        model, _ = build_fixture_model(fixture, tokenizer_dir)
+        model, _ = build_fixture_model(fixture, tokenizer_dir, opts)
         builder = PromptBuilder(build_tokenizer(tokenizer_dir), max_length=model.max_query_len)
         prompts = [builder.build(c) for c in fixture["inputs"]["captions"]]
         input_ids, attention_mask = collate_prompts(prompts, model.pad_token_id, model.max_query_len, model.pad_to_max)

@@ -80,12 +80,17 @@ def _default_train_mapper(cfg, dicts: List[dict]) -> Callable:
         raise ValueError(
             f"DATASETS.TRAIN {list(cfg.DATASETS.TRAIN)} mixes image-caption datasets with detection/grounding "
             "datasets; the two stages train separate models")
-    return ImageCaptionMapper(cfg, True) if captions else GroundingDatasetMapper(cfg, True)
+    if not captions:
+        return GroundingDatasetMapper(cfg, True)
+    coarse = cfg.MODEL.FIBER.COARSE
+    # ITM without ITC trains on random negatives: each pair also gets a random training image
+    return ImageCaptionMapper(cfg, True, false_images=dicts if coarse.ITM_ON and not coarse.ITC_ON else None)
 
 
 def build_train_loader(cfg, mapper: Optional[Callable] = None) -> ResumableTrainLoader:
     """Resumable training batches over :func:`get_train_dataset_dicts` (infinite lists, per process
-    SOLVER.IMS_PER_BATCH / processes; stream seed SEED, a shared random one if SEED < 0).
+    SOLVER.IMS_PER_BATCH / (processes x SOLVER.ACCUMULATE_STEPS); stream seed SEED, a shared random
+    one if SEED < 0).
 
     Args:
         cfg: the config (SOLVER.IMS_PER_BATCH, DATALOADER.* are detectron2's keys; only its
@@ -96,14 +101,15 @@ def build_train_loader(cfg, mapper: Optional[Callable] = None) -> ResumableTrain
     if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
         raise ValueError(f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN!r}: fiber-det's resumable loader "
                          "samples uniformly ('TrainingSampler'); dataset weights are DATASETS.COPY_FACTORS")
-    world, total = comm.get_world_size(), cfg.SOLVER.IMS_PER_BATCH
-    if total % world:
-        raise ValueError(f"SOLVER.IMS_PER_BATCH {total} is not divisible by the {world} processes")
+    world, total, accumulate = comm.get_world_size(), cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.ACCUMULATE_STEPS
+    if total % (world * accumulate):
+        raise ValueError(f"SOLVER.IMS_PER_BATCH {total} is not divisible by the {world} processes x "
+                         f"SOLVER.ACCUMULATE_STEPS {accumulate} micro-batches")
     dicts = get_train_dataset_dicts(cfg)
     if mapper is None:
         mapper = _default_train_mapper(cfg, dicts)
     return ResumableTrainLoader(
-        dicts, mapper, total // world, aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+        dicts, mapper, total // (world * accumulate), aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
         num_workers=cfg.DATALOADER.NUM_WORKERS, seed=cfg.SEED if cfg.SEED >= 0 else None,
     )
 

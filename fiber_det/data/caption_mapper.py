@@ -14,7 +14,12 @@ the items of its evaluation view :func:`~fiber_det.data.datasets.caption_pairs.r
   ``"dataset"``; evaluation items carry ``"modality"`` and only their half: an image item has
   no text fields and no ``caption_index``, a text item has no image.
 
-A pair (training, or an ITM pass) has both halves. An image that cannot be read is an error
+A pair (training, or an ITM pass) has both halves. With ``false_images`` (training ITM without
+ITC: random negatives), a training pair also gets ``"false_image"``: the image of a dataset entry
+drawn uniformly with python's ``random`` (seeded per sample by the training loader), as the
+official data sets draw their ``false_image_0``; it may be the pair's own image.
+
+An image that cannot be read is an error
 naming the file and the dataset line/row at test time; in training it is skipped (the mapper
 returns None, so Detectron2's dataset draws another item), counted and logged with its source.
 
@@ -23,7 +28,8 @@ the same ids as the slow ``RobertaTokenizer`` the official code uses.
 """
 import io
 import logging
-from typing import Callable, Optional
+import random
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -75,7 +81,8 @@ class ImageCaptionMapper:
     """Caption dataset dict -> coarse-model input (see the module docstring for the contract)."""
 
     @configurable
-    def __init__(self, is_train: bool, *, transform: Callable, image_size: int, tokenizer, max_length: int):
+    def __init__(self, is_train: bool, *, transform: Callable, image_size: int, tokenizer, max_length: int,
+                 false_images: Optional[Sequence[dict]] = None):
         """
         Args:
             is_train: training (bad images are skipped) or test (they raise).
@@ -83,6 +90,8 @@ class ImageCaptionMapper:
             image_size: S, reported as the output's height and width.
             tokenizer: a Hugging Face tokenizer (fast).
             max_length: L, the padded and truncated token count.
+            false_images: the training dataset dicts to draw each pair's random "false_image"
+                from (ITM with random negatives); None: no false image.
         """
         if max_length < 2:
             raise ValueError(f"max_length must leave room for <s> and </s>, got {max_length}")
@@ -91,6 +100,7 @@ class ImageCaptionMapper:
         self.image_size = int(image_size)
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
+        self.false_images = false_images
         self.skipped = 0  # training items skipped for an unreadable image, in this process
 
     @classmethod
@@ -127,6 +137,11 @@ class ImageCaptionMapper:
             if image is None:
                 return None
             out.update(image=image, height=self.image_size, width=self.image_size)
+            if self.false_images is not None and modality is None:
+                false_image = self._image(self.false_images[random.randint(0, len(self.false_images) - 1)])
+                if false_image is None:
+                    return None
+                out["false_image"] = false_image
         if modality != "image":
             out.update(self._text(record))
         return out

@@ -1,5 +1,9 @@
 """Optimizer parameter groups with the official FIBER learning-rate / weight-decay rules.
 
+Two rule sets, chosen by the model (:func:`build_param_groups_from_cfg`): the fine-grained
+detector's (:class:`OfficialLrRules`, below) and the coarse-grained image-text model's
+(:class:`CoarseLrRules`: six substring groups, see its docstring).
+
 The official solver gives every parameter its own group and decides its lr and weight decay by
 substrings of the parameter's *official* name (``fusion_backbone.backbone.body...``,
 ``fusion_backbone.language_backbone...``, ``rpn.head...``). fiber-det names its modules the
@@ -22,13 +26,17 @@ from typing import Callable, Dict, List, Tuple
 
 from torch import nn
 
+from ..checkpoint.coarse import OFFICIAL_COARSE_RENAMES
 from ..checkpoint.rename_table import PREFIX_RENAMES
 
 __all__ = [
     "official_param_name",
+    "official_coarse_param_name",
     "OfficialLrRules",
+    "CoarseLrRules",
     "official_lr_and_weight_decay",
     "build_param_groups",
+    "build_coarse_param_groups",
     "build_param_groups_from_cfg",
     "describe_param_groups",
 ]
@@ -59,6 +67,22 @@ def official_param_name(name: str) -> str:
     )
 
 
+def official_coarse_param_name(name: str) -> str:
+    """The official coarse-model name of a parameter of our coarse model (``backbone.vision.`` ->
+    ``vit_model.``, ``backbone.text.`` -> ``text_transformer.``; the heads keep their names). A
+    leading ``module.`` (DDP) is ignored.
+
+    >>> official_coarse_param_name("backbone.vision.layers.2.blocks.1.attn.qkv_i2t.weight")
+    'vit_model.layers.2.blocks.1.attn.qkv_i2t.weight'
+    """
+    if name.startswith("module."):
+        name = name[len("module."):]
+    for official_prefix, ours in OFFICIAL_COARSE_RENAMES:
+        if name.startswith(ours):
+            return official_prefix + name[len(ours):]
+    return name
+
+
 @dataclass(frozen=True)
 class OfficialLrRules:
     """The SOLVER values the official lr / weight-decay rules read, and the rules."""
@@ -83,6 +107,48 @@ class OfficialLrRules:
             wd = self.weight_decay_bias
         if "norm" in official_name or "Norm" in official_name:
             wd *= self.norm_wd_factor
+        return lr, wd
+
+
+@dataclass(frozen=True)
+class CoarseLrRules:
+    """The coarse model's rules: six groups by substrings of the official name.
+
+    - no decay: the name contains one of :attr:`NO_DECAY` (every "bias", incl.
+      ``relative_position_bias_table`` and ``mlm_score.bias``; RoBERTa's ``LayerNorm``s; the Swin
+      ``norm``, ``norm1``, ``norm2``). ``norm_i2t_i.weight``, the gates, ``temp`` and the
+      embeddings ARE decayed (no listed substring).
+    - lr x ``lr_mult_head`` for the heads (:attr:`HEADS`), x ``lr_mult_cross_modal`` for
+      :attr:`CROSS_MODAL` (every i2t / t2i module and gate, and the ``cross_modal_*``
+      projections and poolers), else ``base_lr``; the Swin's (``vit_model.*``) then also
+      x ``backbone_body_lr_factor`` (1 officially: a Swin trained from scratch next to a
+      pretrained text tower wants more).
+    A name that is both a head and cross-modal would be in none of the official groups (never
+    trained); no such parameter exists, and one is an error here.
+    """
+
+    base_lr: float  # SOLVER.BASE_LR
+    weight_decay: float  # SOLVER.WEIGHT_DECAY
+    lr_mult_cross_modal: float = 5.0  # SOLVER.COARSE.LR_MULT_CROSS_MODAL
+    lr_mult_head: float = 5.0  # SOLVER.COARSE.LR_MULT_HEAD
+    backbone_body_lr_factor: float = 1.0  # SOLVER.BACKBONE_BODY_LR_FACTOR
+
+    NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight", "norm.bias", "norm.weight", "norm1.bias",
+                "norm1.weight", "norm2.bias", "norm2.weight")
+    HEADS = ("vqa_classifier", "nlvr2_classifier", "mlm_score", "itm_score", "snli_classifier")
+    CROSS_MODAL = ("cross_modal", "i2t", "t2i")
+
+    def lr_and_weight_decay(self, official_name: str) -> Tuple[float, float]:
+        """(lr, weight_decay) of one parameter from its official coarse name."""
+        head = any(h in official_name for h in self.HEADS)
+        cross = any(c in official_name for c in self.CROSS_MODAL)
+        if head and cross:
+            raise ValueError(f"parameter {official_name!r} is both a head and cross-modal: the official groups "
+                             "would leave it out")
+        lr = self.base_lr * (self.lr_mult_head if head else self.lr_mult_cross_modal if cross else 1.0)
+        if official_name.startswith("vit_model."):
+            lr *= self.backbone_body_lr_factor
+        wd = 0.0 if any(n in official_name for n in self.NO_DECAY) else self.weight_decay
         return lr, wd
 
 
@@ -123,11 +189,29 @@ def build_param_groups(
         "name": "lr=<lr>,wd=<wd>"} (floats written with ``repr``, e.g. "lr=1e-05,wd=0.0001").
     """
     official_rules = OfficialLrRules(**rules)  # TypeError here names a misspelled / missing rule
+    return _merged_groups(model, lambda name: official_rules.lr_and_weight_decay(to_official(name)))
+
+
+def build_coarse_param_groups(model: nn.Module, **rules: float) -> List[dict]:
+    """AdamW parameter groups of a coarse model (:class:`CoarseLrRules` on the official names),
+    merged by value as :func:`build_param_groups` (same return format).
+
+    Args:
+        model: a :class:`~fiber_det.modeling.coarse.FiberCoarsePretrain` (possibly DDP-wrapped);
+            parameters with ``requires_grad`` False are left out.
+        **rules: the fields of :class:`CoarseLrRules` (``base_lr`` and ``weight_decay`` required).
+    """
+    coarse_rules = CoarseLrRules(**rules)
+    return _merged_groups(model, lambda name: coarse_rules.lr_and_weight_decay(official_coarse_param_name(name)))
+
+
+def _merged_groups(model: nn.Module, lr_and_weight_decay: Callable[[str], Tuple[float, float]]) -> List[dict]:
+    """Groups of the trainable parameters of ``model`` by (lr, wd) = ``lr_and_weight_decay(name)``."""
     groups: Dict[Tuple[float, float], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        lr, wd = official_rules.lr_and_weight_decay(to_official(name))
+        lr, wd = lr_and_weight_decay(name)
         if not (math.isfinite(lr) and math.isfinite(wd)):
             raise ValueError(f"parameter {name!r}: non-finite lr {lr} / weight decay {wd} from the SOLVER keys")
         group = groups.get((lr, wd))
@@ -140,8 +224,15 @@ def build_param_groups(
 
 
 def build_param_groups_from_cfg(cfg, model: nn.Module) -> List[dict]:
-    """:func:`build_param_groups` with the SOLVER keys of ``cfg``."""
+    """The groups of the model's rule set with the SOLVER keys of ``cfg``:
+    :func:`build_coarse_param_groups` for MODEL.META_ARCHITECTURE ``FiberCoarsePretrain``,
+    :func:`build_param_groups` otherwise."""
     s = cfg.SOLVER
+    if cfg.MODEL.META_ARCHITECTURE == "FiberCoarsePretrain":
+        return build_coarse_param_groups(model, base_lr=s.BASE_LR, weight_decay=s.WEIGHT_DECAY,
+                                         lr_mult_cross_modal=s.COARSE.LR_MULT_CROSS_MODAL,
+                                         lr_mult_head=s.COARSE.LR_MULT_HEAD,
+                                         backbone_body_lr_factor=s.BACKBONE_BODY_LR_FACTOR)
     return build_param_groups(
         model,
         base_lr=s.BASE_LR,

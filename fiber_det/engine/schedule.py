@@ -10,6 +10,10 @@
   iteration beyond that; :func:`build_lr_scheduler` warns). The official warmup also multiplies
   by GAMMA^k when a milestone falls inside the warmup; Detectron2's does not -- no FIBER config
   does that.
+- LR, coarse stage (SOLVER.LR_SCHEDULER_NAME "WarmupLinearDecayLR"): lr(it) = lr_group · f(it)
+  with f(it) = it/W for it < W, then (T − it)/(T − W) (T = MAX_ITER), i.e. transformers'
+  ``get_polynomial_decay_schedule_with_warmup`` with power 1 and end 0: the first step runs at 0.
+  W = WARMUP_ITERS, or int(T · WARMUP_FRACTION) when that is > 0 (official 10 %).
 - Weight decay (SOLVER.WEIGHT_DECAY_SCHEDULE, official pre-training): every group's weight decay
   is multiplied by GAMMA once per milestone m, from the first iteration ≥ m · RATIO on.
 """
@@ -26,6 +30,9 @@ from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
 
 __all__ = [
     "resolve_max_iter",
+    "resolve_warmup_iters",
+    "WarmupLinearDecay",
+    "LR_SCHEDULERS",
     "resolve_milestones",
     "build_lr_scheduler",
     "WeightDecayScheduleHook",
@@ -33,6 +40,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+LR_SCHEDULERS = ("WarmupMultiStepLR", "WarmupLinearDecayLR")
 
 
 def resolve_max_iter(cfg, num_train_images: int) -> int:
@@ -54,6 +63,47 @@ def resolve_max_iter(cfg, num_train_images: int) -> int:
     if max_iter <= 0:
         raise ValueError(f"{source} gives {max_iter} training iterations; need at least 1")
     return int(max_iter)
+
+
+def resolve_warmup_iters(cfg, max_iter: int) -> int:
+    """Warmup iterations: int(max_iter · SOLVER.WARMUP_FRACTION) when that fraction is > 0 (the
+    official coarse ``warmup_steps`` 0.1, truncated as ``int()`` does), else SOLVER.WARMUP_ITERS.
+
+    Example: 10 % of 100,000 steps -> 10,000.
+    """
+    s = cfg.SOLVER
+    if s.WARMUP_FRACTION > 0:
+        if s.WARMUP_FRACTION >= 1:
+            raise ValueError(f"SOLVER.WARMUP_FRACTION must lie in [0, 1), got {s.WARMUP_FRACTION}")
+        return int(max_iter * s.WARMUP_FRACTION)
+    return int(s.WARMUP_ITERS)
+
+
+class WarmupLinearDecay(ParamScheduler):
+    """The coarse-stage LR factor at iteration t: t / W for t < W, then (T - t) / (T - W), and 0
+    from T on (transformers' polynomial schedule with power 1 and end 0; factor 0 at t = 0).
+
+    Args:
+        warmup_iters: W (0: no warmup, the decay starts at 1).
+        max_iter: T, the number of optimizer steps.
+
+    Called by Detectron2's ``LRMultiplier`` with where = t / T; t is recovered exactly by rounding.
+    """
+
+    def __init__(self, warmup_iters: int, max_iter: int):
+        if not 0 <= warmup_iters < max_iter:
+            raise ValueError(f"warmup of {warmup_iters} iterations must be shorter than the {max_iter} of training")
+        self.warmup_iters, self.max_iter = int(warmup_iters), int(max_iter)
+
+    def factor(self, t: int) -> float:
+        if t < self.warmup_iters:
+            return float(t) / float(max(1, self.warmup_iters))
+        if t >= self.max_iter:
+            return 0.0
+        return 1.0 - (t - self.warmup_iters) / (self.max_iter - self.warmup_iters)
+
+    def __call__(self, where: float) -> float:
+        return self.factor(int(round(where * self.max_iter)))
 
 
 def resolve_milestones(cfg, max_iter: int) -> List[int]:
@@ -81,11 +131,13 @@ def resolve_milestones(cfg, max_iter: int) -> List[int]:
 def build_lr_scheduler(
     cfg, optimizer: torch.optim.Optimizer, max_iter: int, milestones: Optional[Sequence[int]] = None
 ):
-    """The official warmup + multi-step schedule as a Detectron2 ``LRMultiplier``.
+    """The official LR schedule of SOLVER.LR_SCHEDULER_NAME as a Detectron2 ``LRMultiplier``:
+    warmup + multi-step (fine-grained) or :class:`WarmupLinearDecay` (coarse).
 
     Args:
-        cfg: reads SOLVER.GAMMA, WARMUP_ITERS, WARMUP_FACTOR, WARMUP_METHOD ("linear" |
-            "constant") and the milestone keys (:func:`resolve_milestones`).
+        cfg: reads SOLVER.LR_SCHEDULER_NAME; multi-step: SOLVER.GAMMA, WARMUP_ITERS,
+            WARMUP_FACTOR, WARMUP_METHOD ("linear" | "constant") and the milestone keys
+            (:func:`resolve_milestones`); linear decay: :func:`resolve_warmup_iters`.
         optimizer: its groups' current ``lr`` are the per-group base values.
         max_iter: the training length (:func:`resolve_max_iter`).
         milestones: overrides the milestones resolved from ``cfg``.
@@ -94,6 +146,11 @@ def build_lr_scheduler(
         ``LRMultiplier``: step it once per iteration (Detectron2's ``LRScheduler`` hook does).
     """
     s = cfg.SOLVER
+    if s.LR_SCHEDULER_NAME not in LR_SCHEDULERS:
+        raise ValueError(f"SOLVER.LR_SCHEDULER_NAME must be one of {LR_SCHEDULERS}, got {s.LR_SCHEDULER_NAME!r}")
+    if s.LR_SCHEDULER_NAME == "WarmupLinearDecayLR":
+        return LRMultiplier(optimizer, multiplier=WarmupLinearDecay(resolve_warmup_iters(cfg, max_iter), max_iter),
+                            max_iter=max_iter)
     milestones = resolve_milestones(cfg, max_iter) if milestones is None else [int(m) for m in milestones]
     # fvcore needs milestones < max_iter; the others never act within training
     active = [m for m in milestones if m < max_iter]
@@ -101,14 +158,15 @@ def build_lr_scheduler(
         logger.info("LR milestones %s are >= max_iter %d and never reached", milestones[len(active):], max_iter)
     if max_iter * ParamScheduler.WHERE_EPSILON >= 1:
         logger.warning("max_iter %d >= 1e6: fvcore's rounding may move LR boundaries one iteration early", max_iter)
-    if s.WARMUP_ITERS < 0 or not 0 < s.WARMUP_FACTOR <= 1:
-        raise ValueError(f"SOLVER.WARMUP_ITERS ({s.WARMUP_ITERS}) must be >= 0 and WARMUP_FACTOR "
+    warmup = resolve_warmup_iters(cfg, max_iter)
+    if warmup < 0 or not 0 < s.WARMUP_FACTOR <= 1:
+        raise ValueError(f"SOLVER.WARMUP_ITERS ({warmup}) must be >= 0 and WARMUP_FACTOR "
                          f"({s.WARMUP_FACTOR}) in (0, 1]")
     steps = MultiStepParamScheduler(
         values=[s.GAMMA**k for k in range(len(active) + 1)], milestones=active, num_updates=max_iter
     )
     multiplier = WarmupParamScheduler(
-        steps, s.WARMUP_FACTOR, min(s.WARMUP_ITERS / max_iter, 1.0), s.WARMUP_METHOD
+        steps, s.WARMUP_FACTOR, min(warmup / max_iter, 1.0), s.WARMUP_METHOD
     )
     return LRMultiplier(optimizer, multiplier=multiplier, max_iter=max_iter)
 

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
@@ -26,11 +27,16 @@ from detectron2.utils.logger import setup_logger
 from ..checkpoint.checkpointer import FiberCheckpointer
 from ..checkpoint.pretrained import load_pretrained_towers
 from ..data.build import build_test_loader, build_train_loader, get_train_dataset_dicts
+from ..data.caption_mapper import ImageCaptionMapper
+from ..data.datasets.caption_pairs import retrieval_items
 from ..evaluation import build_evaluator
+from ..evaluation.retrieval import ItmScorer
+from ..modeling.coarse.queue import QueueCheckpoint
 from .ema import EMAHook, ModelEMA, swap_to_ema
 from .resume import gather_process_states, preserved_rng_states, restore_process_states
 from .optimizer import build_optimizer
-from .schedule import build_lr_scheduler, build_weight_decay_schedule_hook, resolve_max_iter, resolve_milestones
+from .schedule import (build_lr_scheduler, build_weight_decay_schedule_hook, resolve_max_iter, resolve_milestones,
+                       resolve_warmup_iters)
 
 __all__ = ["FiberTrainStep", "FiberTrainer", "NonFiniteTrainingError", "resolve_schedule", "amp_dtype_from_cfg"]
 
@@ -61,6 +67,13 @@ def _any_rank(flag: bool, device) -> bool:
     return bool(t.item() > 0)
 
 
+def _mean_loss_dict(loss_dicts):
+    """Per key, the mean over the micro-batches of one step (detached; the one dict when alone)."""
+    if len(loss_dicts) == 1:
+        return loss_dicts[0]
+    return {k: torch.stack([d[k].detach().float() for d in loss_dicts]).mean() for k in loss_dicts[0]}
+
+
 class FiberTrainStep(SimpleTrainer):
     """One training iteration: skip mostly-empty batches, autocast, guard non-finite values.
 
@@ -70,21 +83,26 @@ class FiberTrainStep(SimpleTrainer):
         amp_dtype: None (fp32), torch.float16 (with a GradScaler) or torch.bfloat16 (no scaler).
         max_neg_per_batch: skip the batch when all its images, or more than this fraction, have no
             box (as the official trainer's SOLVER.MAX_NEG_PER_BATCH does). All processes skip
-            together (the official per-process skip would stall DDP).
+            together (the official per-process skip would stall DDP). Under accumulation a skipped
+            micro-batch adds no gradient; a step whose micro-batches were all skipped is no step.
         nonfinite_patience: a non-finite loss, or a non-finite gradient without a GradScaler (which
             handles those itself), skips the update (weights untouched, logged with the loss
             terms); this many in a row stop training with :class:`NonFiniteTrainingError`.
+        accumulate_steps: micro-batches per optimizer step (SOLVER.ACCUMULATE_STEPS).
     """
 
     def __init__(self, model, data_loader, optimizer, *, amp_dtype=None, max_neg_per_batch=0.1,
-                 nonfinite_patience=5):
+                 nonfinite_patience=5, accumulate_steps=1):
         super().__init__(model, data_loader, optimizer)
+        if accumulate_steps < 1:
+            raise ValueError(f"SOLVER.ACCUMULATE_STEPS must be >= 1, got {accumulate_steps}")
         self.amp_dtype = amp_dtype
         self.device_type = next(model.parameters()).device.type
         self.scaler = torch.amp.GradScaler(self.device_type) if amp_dtype == torch.float16 else None
         self.max_neg_per_batch = max_neg_per_batch
         self.nonfinite_patience = nonfinite_patience
         self.nonfinite_streak = 0
+        self.accumulate_steps = int(accumulate_steps)
 
     def _should_skip(self, data) -> bool:
         empty = sum(1 for x in data if "instances" in x and len(x["instances"]) == 0)
@@ -96,29 +114,37 @@ class FiberTrainStep(SimpleTrainer):
         return skip
 
     def run_step(self):
+        """One optimizer step over ``accumulate_steps`` micro-batches (each loss divided by their
+        number; DDP synchronises the gradients on the last one only)."""
         assert self.model.training, "[FiberTrainStep] model was changed to eval mode!"
-        start = time.perf_counter()
-        data = next(self._data_loader_iter)
-        data_time = time.perf_counter() - start
-        if self._should_skip(data):
-            return
-        amp = torch.autocast(self.device_type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
-        with amp:
-            loss_dict = self.model(data)
-        losses = sum(loss_dict.values())
         self.optimizer.zero_grad(set_to_none=True)
-        if _any_rank(not bool(torch.isfinite(losses).item()), losses.device):
-            self._nonfinite("loss", loss_dict)
+        amp = torch.autocast(self.device_type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+        data_time, loss_dicts = 0.0, []
+        for micro in range(self.accumulate_steps):
+            start = time.perf_counter()
+            data = next(self._data_loader_iter)
+            data_time += time.perf_counter() - start
+            if self._should_skip(data):
+                continue
+            last = micro == self.accumulate_steps - 1
+            sync = nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                with amp:
+                    loss_dict = self.model(data)
+                losses = sum(loss_dict.values())
+                if _any_rank(not bool(torch.isfinite(losses).item()), losses.device):
+                    self._nonfinite("loss", loss_dict)
+                    return
+                losses = losses / self.accumulate_steps if self.accumulate_steps > 1 else losses
+                (self.scaler.scale(losses) if self.scaler is not None else losses).backward()
+            loss_dicts.append(loss_dict)
+        if not loss_dicts:
             return
-        if self.scaler is not None:
-            self.scaler.scale(losses).backward()
-        else:
-            losses.backward()
-            if _any_rank(not self._gradients_finite(), losses.device):
-                self._nonfinite("gradient", loss_dict)
-                return
+        if self.scaler is None and _any_rank(not self._gradients_finite(), next(self.model.parameters()).device):
+            self._nonfinite("gradient", loss_dicts[-1])
+            return
         self.nonfinite_streak = 0
-        self._write_metrics(loss_dict, data_time)
+        self._write_metrics(_mean_loss_dict(loss_dicts), data_time)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -179,17 +205,32 @@ class FiniteStepCheckpointer(hooks.PeriodicCheckpointer):
         super().after_step()
 
 
+def _itm_scorer_kwargs(cfg, dataset_name: str, model) -> dict:
+    """{"itm_scorer": ...} for a retrieval dataset (the model's ``score_pairs`` over its mapped
+    items), {} for any other dataset."""
+    if MetadataCatalog.get(dataset_name).get("evaluator_type", "") != "retrieval":
+        return {}
+    model = model.module if hasattr(model, "module") else model
+    items = retrieval_items(DatasetCatalog.get(dataset_name))
+    mapper = ImageCaptionMapper(cfg, False)
+    return {"itm_scorer": ItmScorer(items, mapper, model.score_pairs, cfg.TEST.RETRIEVAL.BATCH_SIZE)}
+
+
 def resolve_schedule(cfg):
-    """Writes the effective SOLVER.MAX_ITER (from MAX_EPOCH) and STEPS (from STEP_FRACTIONS) into
-    ``cfg`` so that every hook, the scheduler and the saved config see the same numbers."""
+    """Writes the effective SOLVER.MAX_ITER (from MAX_EPOCH), STEPS (from STEP_FRACTIONS) and
+    WARMUP_ITERS (from WARMUP_FRACTION) into ``cfg`` so that every hook, the scheduler and the
+    saved config see the same numbers."""
     num_images = len(get_train_dataset_dicts(cfg)) if cfg.SOLVER.MAX_EPOCH > 0 else 0
     max_iter = resolve_max_iter(cfg, num_images)
     steps = resolve_milestones(cfg, max_iter)
+    warmup = resolve_warmup_iters(cfg, max_iter)
     was_frozen = cfg.is_frozen()
     cfg.defrost()
     cfg.SOLVER.MAX_ITER = int(max_iter)
     cfg.SOLVER.STEPS = tuple(int(s) for s in steps)
     cfg.SOLVER.STEP_FRACTIONS = []
+    cfg.SOLVER.WARMUP_ITERS = int(warmup)
+    cfg.SOLVER.WARMUP_FRACTION = 0.0
     cfg.SOLVER.MAX_EPOCH = 0
     if was_frozen:
         cfg.freeze()
@@ -211,16 +252,23 @@ class FiberTrainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         self.ema = ModelEMA(model, cfg.MODEL.EMA.DECAY) if cfg.MODEL.EMA.ENABLED else None
-        # DDP on CPU (gloo) takes no device_ids; Detectron2 would pass the local rank
+        # DDP on CPU (gloo) takes no device_ids; Detectron2 would pass the local rank. Models some
+        # of whose parameters may get no gradient in a step (the coarse model with an objective
+        # off: official Lightning runs DDP with find_unused_parameters=True) say so.
         on_cpu = next(model.parameters()).device.type == "cpu"
-        model = create_ddp_model(model, broadcast_buffers=False, find_unused_parameters=False,
+        unused = bool(getattr(model, "find_unused_parameters", False))
+        queue = getattr(model, "queue", None)
+        model = create_ddp_model(model, broadcast_buffers=False, find_unused_parameters=unused,
                                  **({"device_ids": None} if on_cpu else {}))
         self._trainer = FiberTrainStep(
             model, data_loader, optimizer, amp_dtype=amp_dtype_from_cfg(cfg),
             max_neg_per_batch=cfg.SOLVER.MAX_NEG_PER_BATCH, nonfinite_patience=cfg.SOLVER.NONFINITE_PATIENCE,
+            accumulate_steps=cfg.SOLVER.ACCUMULATE_STEPS,
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         extra = {"model_ema": self.ema} if self.ema is not None else {}
+        if queue is not None:  # the coarse ITC queue: kept out of the weights, saved with the trainer state
+            extra["itc_queue"] = QueueCheckpoint(queue)
         self.checkpointer = FiberCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **extra)
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
@@ -297,8 +345,17 @@ class FiberTrainer(DefaultTrainer):
         return build_test_loader(cfg, dataset_name)
 
     @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None, **kwargs):
         # predictions are dumped where tools/evaluate_predictions.py can re-score them
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return build_evaluator(cfg, dataset_name, output_folder)
+        return build_evaluator(cfg, dataset_name, output_folder, **kwargs)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """DefaultTrainer.test; with TEST.RETRIEVAL.ITM, the retrieval datasets' evaluators score
+        image-caption pairs with the model's ITM head (:class:`~fiber_det.evaluation.retrieval.ItmScorer`)."""
+        if evaluators is None and cfg.TEST.RETRIEVAL.ITM:
+            evaluators = [cls.build_evaluator(cfg, name, **_itm_scorer_kwargs(cfg, name, model))
+                          for name in cfg.DATASETS.TEST]
+        return super().test(cfg, model, evaluators)

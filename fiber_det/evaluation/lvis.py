@@ -13,8 +13,12 @@ each keeping up to 300 detections per image):
    filter did it there; we drop them explicitly so the dump equals what is scored);
 4. ``lvis`` package: ``LVISResults(gt, dets, max_dets=-1)`` + ``LVISEval`` (bbox).
 
-Task "bbox": AP, AP50, AP75, APs, APm, APl, APr, APc, APf in percent; a value LVIS reports as -1
-(e.g. APr when no rare category has ground truth) becomes NaN.
+Task "bbox": the official LVIS table in percent: AP, AP50, AP75, APs, APm, APl, APr, APc, APf and
+the average recall AR@-1, ARs@-1, ARm@-1, ARl@-1 (all sizes / small / medium / large). The ``lvis``
+package names recall after the per-image cap, ``AR@300`` in standard LVIS; FixedAP has no per-image
+cap (``max_dets = -1``), so the official FixedAP run reports it as ``AR@-1``: the recall of every
+kept detection, averaged over IoU 0.50:0.95 and over the categories with ground truth. A value LVIS
+reports as -1 (e.g. APr when no rare category has ground truth) becomes NaN.
 
 Dumped to ``output_dir`` (when given): ``lvis_instances_results.json``, the selected detections
 (after steps 2-3) as an LVIS result list ``[{"image_id", "category_id" (LVIS id),
@@ -40,7 +44,7 @@ __all__ = ["LVISFixedAPEvaluator", "fixed_ap_keep", "select_fixed_ap_detections"
 logger = logging.getLogger(__name__)
 
 LVIS_RESULTS_FILE = "lvis_instances_results.json"
-LVIS_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+LVIS_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf", "AR@-1", "ARs@-1", "ARm@-1", "ARl@-1")
 
 
 def _lvis_package():
@@ -180,7 +184,7 @@ class LVISFixedAPEvaluator(PerImageEvaluator):
         # copies: LVISResults adds fields to the dicts it is given
         lvis_results = lvis.LVISResults(self._lvis_api, [dict(r) for r in selected], max_dets=-1)
         lvis_eval = lvis.LVISEval(self._lvis_api, lvis_results, "bbox")
-        lvis_eval.params.max_dets = -1  # only names the printed rows: no per-image cap was applied
+        lvis_eval.params.max_dets = -1  # only names the AR keys and printed rows: no per-image cap was applied
         lvis_eval.run()
         lvis_eval.print_results()
         values = lvis_eval.get_results()

@@ -12,8 +12,14 @@ Batched inputs (Detectron2 list of dicts), per image:
     "instances": Instances with ``gt_boxes`` (legacy xyxy, resized frame) and ``gt_positive_map``
         (G, >= T) binary rows, the tokens of each box's label (``Prompt.positive_map``).
 Different images of a batch may carry different prompts. At inference every (image, prompt) pair
-is run, ``max(prompts_per_batch, len(batch))`` pairs per forward, and the detections of an image's
-chunks are merged by :func:`~fiber_det.modeling.postprocess.merge_chunk_detections`.
+is run and the detections of an image's chunks are merged by
+:func:`~fiber_det.modeling.postprocess.merge_chunk_detections`. Two paths, equal up to float
+rounding for a batch of one image (TEST.SHARED_PREFIX):
+  * shared prefix (:mod:`fiber_det.modeling.shared_prefix`): each image's prefix once, at its own
+    padded size; each prompt's text prefix once, cached across calls; the fused part on batches
+    of ``prompts_per_batch`` pairs;
+  * sequential (the parity path): :meth:`FIBER.run` on ``max(prompts_per_batch, len(batch))``
+    pairs per forward, the images of a forward zero-padded to a common size.
 
 Output per image: {"instances": Instances(pred_boxes, scores, pred_classes = label - 1,
 pred_labels = label)} in the original image frame.
@@ -31,10 +37,13 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import Boxes, ImageList, Instances
 
 from ..data.prompt import Prompt, collate_prompts
+from .backbone.fusion import TextState
+from .backbone.swin import SwinState
 from .head.atss import LegacyAnchorGenerator, LegacyBoxCoder
 from .head.grounding_head import FiberHead
 from .head.losses import FiberLoss
 from .postprocess import merge_chunk_detections, postprocess_image, rescale_boxes
+from .shared_prefix import TextPrefixCache, shared_prefix_inference
 
 __all__ = ["FIBER"]
 
@@ -61,6 +70,7 @@ class FIBER(nn.Module):
         nms_threshold: float = 0.6,
         detections_per_image: int = 100,
         prompts_per_batch: int = 8,
+        shared_prefix: bool = True,
     ):
         """
         Args:
@@ -72,6 +82,7 @@ class FIBER(nn.Module):
                 (official: 256, True) or to the longest of the batch.
             score_threshold, pre_nms_top_n, nms_threshold, detections_per_image: inference.
             prompts_per_batch: (image, prompt) pairs per forward for inputs with several prompts.
+            shared_prefix: inference through the shared-prefix path (module docstring).
         """
         super().__init__()
         self.backbone = backbone
@@ -88,6 +99,8 @@ class FIBER(nn.Module):
         self.nms_threshold = nms_threshold
         self.detections_per_image = detections_per_image
         self.prompts_per_batch = max(1, int(prompts_per_batch))
+        self.shared_prefix = bool(shared_prefix)
+        self.text_prefix_cache = TextPrefixCache()
         self.box_coder = LegacyBoxCoder()
         self.in_features = ["p3", "p4", "p5", "p6", "p7"]
 
@@ -122,11 +135,19 @@ class FIBER(nn.Module):
             "nms_threshold": f.ATSS.NMS_TH,
             "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "prompts_per_batch": cfg.TEST.PROMPTS_PER_BATCH,
+            "shared_prefix": cfg.TEST.SHARED_PREFIX,
         }
 
     @property
     def device(self):
         return self.pixel_mean.device
+
+    def train(self, mode: bool = True):
+        """Also empties the text-prefix cache when training starts (its memory is not kept, and
+        the weights are about to change)."""
+        if mode:
+            self.text_prefix_cache.clear()
+        return super().train(mode)
 
     # ---- inputs ----
     def preprocess_images(self, batched_inputs: List[dict]) -> ImageList:
@@ -169,7 +190,14 @@ class FIBER(nn.Module):
             "token_logits", one tensor per level P3..P7) and the anchors per level [(H_l·W_l, 4)],
             shared by every image of the batch.
         """
-        features, language = self.backbone(images, input_ids, attention_mask)
+        return self._head_outputs(*self.backbone(images, input_ids, attention_mask))
+
+    def run_fused(self, image: SwinState, text: TextState):
+        """:meth:`run` from an image prefix and a text prefix of the same batch size
+        (``backbone.bottom_up.image_prefix`` / ``text_prefix``); returns what :meth:`run` returns."""
+        return self._head_outputs(*self.backbone.fused(image, text))
+
+    def _head_outputs(self, features, language):
         feats = [features[k] for k in self.in_features]
         outputs = self.head(feats, language["embedded"])
         anchors = self.anchor_generator([f.shape[-2:] for f in feats])
@@ -209,6 +237,9 @@ class FIBER(nn.Module):
             if not p.token_map or unscored:
                 what = f"label {unscored[0]} maps to no token" if unscored else "it has no label"
                 raise ValueError(f"image {i}: prompt {p.caption!r} cannot be scored: {what}")
+        if self.shared_prefix:
+            per_image = shared_prefix_inference(self, batched_inputs, pairs, self.text_prefix_cache)
+            return [{"instances": merge_chunk_detections(parts, max_merged_detections)} for parts in per_image]
         step = max(self.prompts_per_batch, len(batched_inputs))
         per_image: List[List[Instances]] = [[] for _ in batched_inputs]
         for start in range(0, len(pairs), step):

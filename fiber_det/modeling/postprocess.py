@@ -10,20 +10,23 @@ prompt split into chunks are merged by :func:`merge_chunk_detections`.
 from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
-from torchvision.ops import nms
+import torchvision  # noqa: F401  (registers torch.ops.torchvision.nms)
 
 from detectron2.structures import Instances
 
 from .head.atss import LegacyBoxCoder
 from .head.grounding_head import flatten_level_outputs
 
-__all__ = ["phrase_scores", "select_candidates", "class_aware_nms", "postprocess_image", "rescale_boxes",
-           "merge_chunk_detections"]
+__all__ = ["phrase_scores", "top_candidates", "decode_and_clip", "select_candidates", "class_aware_nms",
+           "postprocess_image", "rescale_boxes", "merge_chunk_detections"]
 
 
 def phrase_scores(token_probs: torch.Tensor, token_map: Mapping[int, Sequence[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
     """(A, T) token probabilities -> (A, L) mean probability per label and the (L,) labels,
     labels in ascending order (the column order of upstream's label - 1 layout).
+
+    Labels with the same number of tokens are averaged in one gather (the same per-label
+    ``mean`` as upstream's loop over labels, in a few ops instead of one per label).
 
     Args:
         token_probs: sigmoid of one image's token logits.
@@ -32,12 +35,47 @@ def phrase_scores(token_probs: torch.Tensor, token_map: Mapping[int, Sequence[in
     if not token_map:
         raise ValueError("the prompt has no label: nothing to detect")
     labels = sorted(token_map)
-    cols = [token_probs[:, torch.as_tensor(list(token_map[j]), dtype=torch.long)].mean(-1) for j in labels]
-    return torch.stack(cols, dim=1), torch.as_tensor(labels, dtype=torch.int64)
+    groups: Dict[int, Tuple[List[int], List[Sequence[int]]]] = {}
+    for col, label in enumerate(labels):
+        cols, tokens = groups.setdefault(len(token_map[label]), ([], []))
+        cols.append(col)
+        tokens.append(list(token_map[label]))
+    device = token_probs.device
+    scores = token_probs.new_empty((token_probs.shape[0], len(labels)))
+    for cols, tokens in groups.values():
+        index = torch.as_tensor(tokens, dtype=torch.long, device=device)  # (L_n, n)
+        scores[:, torch.as_tensor(cols, dtype=torch.long, device=device)] = token_probs[:, index].mean(-1)
+    return scores, torch.as_tensor(labels, dtype=torch.int64)
+
+
+def top_candidates(scores: torch.Tensor, centerness_logits: torch.Tensor, threshold: float, top_n: int):
+    """One level of one image: the (anchor, column) pairs scoring above ``threshold`` (strict),
+    at most ``top_n`` by score · sigmoid(centerness).
+
+    Args:
+        scores: (A, L) phrase scores; centerness_logits: (A,).
+    Returns:
+        anchors (K,), columns (K,) into L, weighted scores (K,), in ``topk(sorted=False)`` order.
+    """
+    candidates = (scores > threshold).nonzero()  # (N, 2) (anchor, column), row-major
+    loc, col = candidates[:, 0], candidates[:, 1]
+    weighted = scores[loc, col] * centerness_logits.sigmoid()[loc]
+    top, idx = weighted.topk(min(len(candidates), top_n), sorted=False)
+    return loc[idx], col[idx], top
+
+
+def decode_and_clip(deltas: torch.Tensor, anchors: torch.Tensor, image_size_hw: Tuple[int, int], box_coder) -> torch.Tensor:
+    """(K, 4) deltas on (K, 4) anchors -> boxes clipped to [0, w - 1] x [0, h - 1]."""
+    boxes = box_coder.decode(deltas.view(-1, 4), anchors.view(-1, 4))
+    h, w = image_size_hw
+    return torch.stack(
+        [boxes[:, 0].clamp(0, w - 1), boxes[:, 1].clamp(0, h - 1), boxes[:, 2].clamp(0, w - 1), boxes[:, 3].clamp(0, h - 1)],
+        dim=1,
+    )
 
 
 def select_candidates(scores, centerness_logits, deltas, anchors, image_size_hw, threshold, top_n, box_coder):
-    """One level of one image.
+    """One level of one image: :func:`top_candidates`, decoded and clipped.
 
     Args:
         scores: (A, L) phrase scores; centerness_logits: (A,); deltas: (A, 4); anchors: (A, 4);
@@ -45,19 +83,8 @@ def select_candidates(scores, centerness_logits, deltas, anchors, image_size_hw,
     Returns:
         boxes (K, 4), scores (K,) = sqrt(score · sigmoid(centerness)), columns (K,) into L.
     """
-    candidates = scores > threshold
-    k = min(int(candidates.sum()), top_n)
-    weighted = scores * centerness_logits.sigmoid()[:, None]
-    top, idx = weighted[candidates].topk(k, sorted=False)
-    nz = candidates.nonzero()[idx]
-    loc, col = nz[:, 0], nz[:, 1]
-    boxes = box_coder.decode(deltas[loc].view(-1, 4), anchors[loc].view(-1, 4))
-    h, w = image_size_hw
-    boxes = torch.stack(
-        [boxes[:, 0].clamp(0, w - 1), boxes[:, 1].clamp(0, h - 1), boxes[:, 2].clamp(0, w - 1), boxes[:, 3].clamp(0, h - 1)],
-        dim=1,
-    )
-    return boxes, torch.sqrt(top), col
+    loc, col, top = top_candidates(scores, centerness_logits, threshold, top_n)
+    return decode_and_clip(deltas[loc], anchors[loc], image_size_hw, box_coder), torch.sqrt(top), col
 
 
 def class_aware_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -68,8 +95,11 @@ def class_aware_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Ten
     one at a time (not torchvision's coordinate-offset trick, whose large offsets round the IoU).
     """
     shifted = torch.cat([boxes[:, :2], boxes[:, 2:] + 1], dim=1)
-    keep = [idx[nms(shifted[idx], scores[idx], iou_threshold)] for idx in (
-        torch.nonzero(labels == lab).squeeze(1) for lab in torch.unique(labels))]
+    order = torch.argsort(labels, stable=True)
+    counts = torch.unique_consecutive(labels[order], return_counts=True)[1].tolist()
+    # torchvision's kernel directly: torchvision.ops.nms only adds API-usage logging per call
+    keep = [idx[torch.ops.torchvision.nms(shifted[idx], scores[idx], iou_threshold)]
+            for idx in torch.split(order, counts)]
     if not keep:
         return labels.new_zeros((0,))
     keep = torch.cat(keep)
@@ -108,16 +138,23 @@ def postprocess_image(
         ``return_candidates`` also the pre-NMS candidates (boxes, scores, labels).
     """
     box_coder = box_coder or LegacyBoxCoder()
-    cand = []
-    for deltas, ctr, logits, anchors in zip(
-        head_outputs["box_deltas"], head_outputs["centerness"], head_outputs["token_logits"], anchors_per_level
-    ):
-        scores, labels = phrase_scores(logits[index].sigmoid(), token_map)
-        d = flatten_level_outputs([deltas[index: index + 1]])[0]
-        c = flatten_level_outputs([ctr[index: index + 1]])[0, :, 0]
-        boxes, s, col = select_candidates(scores, c, d, anchors, image_size_hw, score_threshold, pre_nms_top_n, box_coder)
-        cand.append((boxes, s, labels.to(col.device)[col]))
-    boxes, scores, labels = (torch.cat(x) for x in zip(*cand))
+    # all levels at once where a level's own computation does not depend on the others: the
+    # phrase scores, decoding and clipping; the threshold and top-k stay per level
+    probs = torch.cat([logits[index] for logits in head_outputs["token_logits"]]).sigmoid()
+    scores, labels = phrase_scores(probs, token_map)
+    centerness = flatten_level_outputs([c[index: index + 1] for c in head_outputs["centerness"]])[0, :, 0]
+    locs, cols, tops, start = [], [], [], 0
+    for anchors in anchors_per_level:
+        end = start + len(anchors)
+        loc, col, top = top_candidates(scores[start:end], centerness[start:end], score_threshold, pre_nms_top_n)
+        locs.append(loc + start)
+        cols.append(col)
+        tops.append(top)
+        start = end
+    loc = torch.cat(locs)
+    deltas = flatten_level_outputs([d[index: index + 1] for d in head_outputs["box_deltas"]])[0]
+    boxes = decode_and_clip(deltas[loc], torch.cat(anchors_per_level)[loc], image_size_hw, box_coder)
+    scores, labels = torch.sqrt(torch.cat(tops)), labels.to(loc.device)[torch.cat(cols)]
     keep = class_aware_nms(boxes, scores, labels, nms_threshold)
     if detections_per_image > 0 and keep.numel() > detections_per_image:
         # upstream: threshold at the k-th largest score, keep all >= it (ties may keep more)

@@ -6,6 +6,8 @@ import torch
 
 from checkpoint_test_utils import run_tool
 from conftest import FIXTURES
+from detectron2.config import get_cfg
+from fiber_det import add_fiber_config
 from fiber_det.checkpoint.coarse_parity import build_coarse_fixture_model, eval_coarse_comparisons, is_coarse_fixture
 from fiber_det.checkpoint.parity import write_fixture_tokenizer
 
@@ -43,3 +45,15 @@ def test_tampered_expectations_fail(tmp_path):
     results = eval_coarse_comparisons(tampered, model)
     failed = sorted(r.key for r in results if not r.ok)
     assert failed == ["outputs_eval/fused/image.fused_blocks/stage4.block0", "outputs_eval/itc/image_feat"], failed
+
+
+def test_eval_parity_with_the_other_attention_kernels(tmp_path):
+    """MODEL.FIBER.SDPA switched from its default keeps eval parity (the default: the tool above)."""
+    fixture = torch.load(COARSE_DEV, map_location="cpu", weights_only=True)
+    tokenizer = write_fixture_tokenizer(fixture, tmp_path)
+    default = add_fiber_config(get_cfg()).MODEL.FIBER.SDPA
+    model, _ = build_coarse_fixture_model(fixture, tokenizer, ["MODEL.FIBER.SDPA", str(not default)])
+    assert model.backbone.text.encoder.layer[0].attention.self.sdpa is (not default)
+    results = eval_coarse_comparisons(fixture, model)
+    failed = [r.line() for r in results if not r.ok]
+    assert len(results) >= 71 and not failed, "\n".join(failed)  # every eval tensor of the fixture

@@ -114,3 +114,23 @@ def test_from_config(gpt2):
         ImageCaptionMapper(tiny_cfg(), True)
     with pytest.raises(ValueError, match="CAPTION_TRANSFORM must be one of"):
         ImageCaptionMapper(tiny_cfg(INPUT__FORMAT="RGB", INPUT__CAPTION_TRANSFORM="randaug"), True)
+
+
+def test_false_images_for_itm_with_random_negatives(tmp_path, gpt2):
+    """Each training pair gets the image of a uniformly drawn dataset entry (python's random);
+    evaluation items and a mapper without the pool get none; an unreadable false image skips."""
+    import random
+
+    pairs = load_caption_jsonl(str(write_jsonl(tmp_path)), None, "test")
+    train = ImageCaptionMapper(True, transform=build_caption_transform("albef", S), image_size=S, tokenizer=gpt2,
+                               max_length=L, false_images=pairs)
+    random.seed(4)
+    drawn = random.randint(0, len(pairs) - 1)
+    random.seed(4)
+    out = train(pairs[0])
+    assert torch.equal(out["false_image"], make_mapper(gpt2, False)(pairs[drawn])["image"])
+    assert "false_image" not in make_mapper(gpt2, True)(pairs[0])
+    assert "false_image" not in train(retrieval_items(pairs)[0])
+    broken = _broken_jsonl(tmp_path / "broken")
+    train.false_images = [broken[2]]
+    assert train(pairs[0]) is None and train.skipped == 1

@@ -1,12 +1,14 @@
-"""AdamW over merged groups and the official full-model gradient clipping (norm 1.0 over every parameter, inside optimizer.step)."""
+"""AdamW over merged groups, the official full-model gradient clipping (norm 1.0 over every parameter,
+inside optimizer.step), and the coarse stage's transformers-style AdamW update against hand-computed steps."""
 import copy
+import math
 
 import pytest
 import torch
 from torch import nn
 
 from conftest import tiny_cfg, tiny_model
-from fiber_det.engine.optimizer import AdamWFullModelClip, build_optimizer
+from fiber_det.engine.optimizer import AdamWFullModelClip, AdamWTransformers, FullModelClipMixin, build_optimizer
 from fiber_det.engine.param_groups import build_param_groups_from_cfg
 
 
@@ -166,6 +168,103 @@ def test_state_dict_round_trip():
 def test_refused_settings():
     with pytest.raises(ValueError, match="CLIP_VALUE"):
         build_optimizer(_clip_cfg(value=0.0), TwoTensors())
+    with pytest.raises(ValueError, match="FUSED_OPTIMIZER"):
+        build_optimizer(tiny_cfg(SOLVER__FUSED_OPTIMIZER=True, SOLVER__ADAMW__UPDATE="transformers"), TwoTensors())
+
+
+# ---- the coarse stage's optimiser: transformers' AdamW update ----
+
+def _hand_transformers_adamw(p, grads, lr, betas, eps, wd):
+    """transformers.optimization.AdamW (correct_bias True), written out in float64 per element."""
+    b1, b2 = betas
+    m, v = [0.0] * len(p), [0.0] * len(p)
+    p = list(p)
+    for t, g in enumerate(grads, start=1):
+        step = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        for i, gi in enumerate(g):
+            m[i] = b1 * m[i] + (1 - b1) * gi
+            v[i] = b2 * v[i] + (1 - b2) * gi * gi
+            p[i] = p[i] - step * m[i] / (math.sqrt(v[i]) + eps)
+            p[i] = p[i] - lr * wd * p[i]  # decay after the step, on the updated weight
+    return p
+
+
+def _run(optimizer_cls, grads, **kwargs):
+    w = nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    opt = optimizer_cls([w], **kwargs)
+    for g in grads:
+        w.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+    return w.detach().tolist()
+
+
+GRADS = ([0.5, -1.0, 0.0], [0.1, 0.3, -2.0], [-0.2, 0.05, 1.0])
+
+
+def test_transformers_adamw_matches_hand_computed_steps():
+    # eps and wd large enough that their placement shows
+    hyper = dict(lr=0.1, betas=(0.9, 0.98), eps=0.1, weight_decay=0.5)
+    got = _run(AdamWTransformers, GRADS, **hyper)
+    want = _hand_transformers_adamw([1.0, -2.0, 0.5], GRADS, 0.1, (0.9, 0.98), 0.1, 0.5)
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-15), (got, want)
+    # torch's AdamW (eps after the bias correction, decay before the step) ends elsewhere
+    torch_adamw = _run(torch.optim.AdamW, GRADS, **hyper)
+    assert max(abs(a - b) for a, b in zip(torch_adamw, want)) > 1e-3, (torch_adamw, want)
+    # without eps and weight decay the two are the same Adam (non-zero gradients: no 0/0)
+    plain, grads = dict(lr=0.1, betas=(0.9, 0.98), eps=0.0, weight_decay=0.0), GRADS[1:]
+    assert _run(AdamWTransformers, grads, **plain) == pytest.approx(_run(torch.optim.AdamW, grads, **plain), rel=1e-12)
+
+
+def test_transformers_adamw_skips_parameters_without_gradient_and_counts_steps_per_parameter():
+    a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    opt = AdamWTransformers([a, b], lr=0.1, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
+    a.grad = torch.ones(2)
+    opt.step()
+    assert torch.equal(b, torch.ones(2)) and b not in opt.state  # no gradient: untouched, no decay
+    assert opt.state[a]["step"] == 1
+    b.grad = torch.ones(2)
+    opt.step()
+    assert opt.state[a]["step"] == 2 and opt.state[b]["step"] == 1
+    # b's first step has the bias correction of t = 1: the update is lr * sign(g) (up to eps), then decay
+    assert torch.allclose(b, (1.0 - 0.1) * (1 - 0.1 * 0.01) * torch.ones(2), atol=1e-6)
+
+
+def test_coarse_config_builds_the_official_coarse_optimizer():
+    from coarse_inputs import coarse_cfg, coarse_model
+
+    cfg = coarse_cfg(SOLVER__BASE_LR=1e-5)
+    opt = build_optimizer(cfg, coarse_model())
+    assert type(opt) is AdamWTransformers
+    assert opt.defaults["betas"] == (0.9, 0.98) and opt.defaults["eps"] == 1e-8
+    # the six official groups merge to four values: x1 / x5 LR, decayed or not
+    assert sorted((g["lr"], g["weight_decay"]) for g in opt.param_groups) == [
+        (1e-5, 0.0), (1e-5, 0.01), (5e-5, 0.0), (5e-5, 0.01)]
+    clipped = build_optimizer(coarse_cfg(SOLVER__CLIP_GRADIENTS__ENABLED=True,
+                                         SOLVER__CLIP_GRADIENTS__CLIP_TYPE="full_model"), coarse_model())
+    assert isinstance(clipped, AdamWTransformers) and isinstance(clipped, FullModelClipMixin)
+    with pytest.raises(ValueError, match="SOLVER.ADAMW.UPDATE"):
+        build_optimizer(coarse_cfg(SOLVER__ADAMW__UPDATE="adam"), coarse_model())
+
+
+def test_transformers_adamw_state_round_trip_continues_identically():
+    def fresh():
+        torch.manual_seed(0)
+        return nn.Linear(3, 2)
+
+    model, other = fresh(), fresh()
+    opt = AdamWTransformers(model.parameters(), lr=0.01, betas=(0.9, 0.98), weight_decay=0.01)
+    for seed in range(2):
+        _random_grads(list(model.parameters()), seed)
+        opt.step()
+    other.load_state_dict(model.state_dict())
+    resumed = AdamWTransformers(other.parameters(), lr=0.01, betas=(0.9, 0.98), weight_decay=0.01)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    _random_grads(list(model.parameters()), 5)
+    _random_grads(list(other.parameters()), 5)
+    opt.step()
+    resumed.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
+    assert [s["step"] for s in resumed.state.values()] == [3, 3]
 
 
 @pytest.mark.parametrize("clip", [None, "full_model", "norm"])

@@ -191,3 +191,77 @@ def test_ddp_prefix_and_unknown_names():
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameter"):
         build_param_groups(frozen, to_official=lambda n: n, **PRETRAIN)
+
+
+# ---- the coarse model: six substring groups, checked on the official coarse fixture's parameter names ----
+
+def _official_coarse_group(name, lr, wd, mult_cross=5.0, mult_head=5.0):
+    """The official coarse rules, written out: (lr, wd) of one official parameter name."""
+    no_decay = ["bias", "LayerNorm.bias", "LayerNorm.weight", "norm.bias", "norm.weight", "norm1.bias",
+                "norm1.weight", "norm2.bias", "norm2.weight"]
+    heads = ["vqa_classifier", "nlvr2_classifier", "mlm_score", "itm_score", "snli_classifier"]
+    cross = ["cross_modal", "i2t", "t2i"]
+    decayed = not any(n in name for n in no_decay)
+    if any(h in name for h in heads):
+        return lr * mult_head, wd if decayed else 0.0
+    if any(c in name for c in cross):
+        return lr * mult_cross, wd if decayed else 0.0
+    return lr, wd if decayed else 0.0
+
+
+def test_coarse_groups_match_the_official_rules_on_the_fixture_names():
+    from conftest import FIXTURES
+    from fiber_det.checkpoint.official_coarse_config import translate_official_coarse_config
+    from fiber_det.engine.param_groups import build_coarse_param_groups, official_coarse_param_name
+
+    fixture = torch.load(FIXTURES / "fiber_coarse_ref_dev.pt", map_location="cpu", weights_only=True, mmap=True)
+    ref = fixture["reference"]
+    cfg = translate_official_coarse_config(ref["config"], dict(ref["text_model_config_not_in_config"],
+                                                              model_type="roberta"))
+    cfg.MODEL.DEVICE = "meta"
+    with torch.device("meta"):
+        model = build_model(cfg)
+    groups = build_coarse_param_groups(model, base_lr=1e-5, weight_decay=0.01, lr_mult_cross_modal=3.0,
+                                       lr_mult_head=7.0)
+    ours = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    buffers = ("_queue", "queue_ptr", "queue_total", "relative_position_index", "attn_mask", "position_ids")
+    official = [k for k in fixture["state_dict"] if not k.endswith(buffers)]
+    unused = set(fixture["outputs_train"]["params_without_grad"])  # absent here; rank_output is itm_score row 1
+    params = dict(model.named_parameters())
+    assert {official_coarse_param_name(n) for n in params} == set(official) - unused
+    counts = defaultdict(int)
+    for name, p in params.items():
+        want = _official_coarse_group(official_coarse_param_name(name), 1e-5, 0.01, 3.0, 7.0)
+        assert ours[id(p)] == pytest.approx(want, rel=1e-12), name
+        counts[want] += 1
+    # all six official groups are populated (x1 / x3 cross-modal / x7 heads, decayed or not)
+    assert len(counts) == 6, dict(counts)
+    # the quirks: gates, the query LayerNorm weight and temp are decayed; every "bias" name is not
+    by_name = {official_coarse_param_name(n): ours[id(p)] for n, p in params.items()}
+    assert by_name["temp"] == pytest.approx((1e-5, 0.01))
+    assert by_name["vit_model.layers.2.blocks.14.attn.alpha_i2t"] == pytest.approx((3e-5, 0.01))
+    assert by_name["vit_model.layers.2.blocks.14.attn.norm_i2t_i.weight"] == pytest.approx((3e-5, 0.01))
+    assert by_name["vit_model.layers.0.blocks.0.attn.relative_position_bias_table"] == pytest.approx((1e-5, 0.0))
+    assert by_name["mlm_score.bias"] == pytest.approx((7e-5, 0.0))
+    assert by_name["text_transformer.embeddings.word_embeddings.weight"] == pytest.approx((1e-5, 0.01))
+
+
+def test_coarse_groups_from_cfg_and_a_name_in_both_lists():
+    from coarse_inputs import coarse_cfg, coarse_model
+    from fiber_det.engine.param_groups import CoarseLrRules
+
+    cfg = coarse_cfg(SOLVER__BASE_LR=2e-5, SOLVER__WEIGHT_DECAY=0.02, SOLVER__COARSE__LR_MULT_HEAD=50.0)
+    groups = build_param_groups_from_cfg(cfg, coarse_model())
+    assert {(g["lr"], g["weight_decay"]) for g in groups} == {
+        (2e-5, 0.02), (2e-5, 0.0), (1e-4, 0.02), (1e-4, 0.0), (1e-3, 0.02), (1e-3, 0.0)}
+    # the Swin's LR factor (1 officially) multiplies its parameters, fusion modules included
+    model = coarse_model()
+    groups = build_param_groups_from_cfg(coarse_cfg(SOLVER__BASE_LR=2e-5, SOLVER__BACKBONE_BODY_LR_FACTOR=10.0), model)
+    lr = {id(p): g["lr"] for g in groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert lr[id(params["backbone.vision.patch_embed.proj.weight"])] == pytest.approx(2e-4)
+    assert lr[id(params["backbone.vision.layers.3.blocks.0.attn.qkv_i2t.weight"])] == pytest.approx(1e-3)
+    assert lr[id(params["backbone.text.encoder.layer.3.crossattention_t2i.self.key.weight"])] == pytest.approx(1e-4)
+    assert lr[id(params["backbone.text.embeddings.word_embeddings.weight"])] == pytest.approx(2e-5)
+    with pytest.raises(ValueError, match="both a head and cross-modal"):
+        CoarseLrRules(base_lr=1.0, weight_decay=0.0).lr_and_weight_decay("itm_score.cross_modal.weight")

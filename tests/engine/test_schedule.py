@@ -166,3 +166,65 @@ def test_weight_decay_schedule_matches_upstream_loop(milestones, ratio, gamma):
     fresh.register_hooks([WeightDecayScheduleHook(milestones, ratio, gamma)])
     fresh.train(25, steps)
     assert [fresh.used[i] for i in range(25, steps)] == expected[25:]
+
+
+# ---- the coarse stage: linear warmup from 0, then linear decay to 0 ----
+
+def transformers_poly_lr(lr_init, step, warmup, total, lr_end=0.0, power=1.0):
+    """transformers' get_polynomial_decay_schedule_with_warmup LR at ``step``, written out."""
+    if step < warmup:
+        factor = float(step) / float(max(1, warmup))
+    elif step > total:
+        factor = lr_end / lr_init
+    else:
+        decay = (lr_init - lr_end) * (1 - (step - warmup) / (total - warmup)) ** power + lr_end
+        factor = decay / lr_init
+    return lr_init * factor
+
+
+def test_coarse_linear_decay_stepped_by_detectron2_hook():
+    """Every iteration of a 37-step run with a 10 % warmup (int(3.7) = 3 steps): the first step
+    runs at LR 0, the last at 1/34 of the base; every group scales alike."""
+    cfg = tiny_cfg(SOLVER__LR_SCHEDULER_NAME="WarmupLinearDecayLR", SOLVER__WARMUP_FRACTION=0.1)
+    opt = _optimizer((1e-5, 5e-5, 1e-5))
+    seen = []
+
+    class Trainer(TrainerBase):
+        def run_step(self):
+            seen.append([g["lr"] for g in opt.param_groups])
+            opt.step()
+
+    trainer = Trainer()
+    trainer.optimizer = opt
+    trainer.register_hooks([LRScheduler(opt, build_lr_scheduler(cfg, opt, 37))])
+    trainer.train(0, 37)
+    assert len(seen) == 37 and seen[0] == [0.0, 0.0, 0.0]
+    for it, lrs in enumerate(seen):
+        for lr, base in zip(lrs, (1e-5, 5e-5, 1e-5)):
+            assert lr == pytest.approx(transformers_poly_lr(base, it, 3, 37), rel=1e-12, abs=1e-20), it
+    assert seen[3][1] == pytest.approx(5e-5) and seen[36][1] == pytest.approx(5e-5 / 34)
+
+
+def test_coarse_linear_decay_on_the_official_pretraining_schedule():
+    from fiber_det.engine.schedule import WarmupLinearDecay, resolve_warmup_iters
+
+    cfg = tiny_cfg(SOLVER__LR_SCHEDULER_NAME="WarmupLinearDecayLR", SOLVER__WARMUP_FRACTION=0.1)
+    assert resolve_warmup_iters(cfg, 100000) == 10000
+    schedule = WarmupLinearDecay(10000, 100000)
+    for t in (0, 1, 5000, 9999, 10000, 10001, 55000, 99999, 100000, 100500):
+        assert schedule(t / 100000) == pytest.approx(transformers_poly_lr(1e-5, t, 10000, 100000) / 1e-5,
+                                                     rel=1e-12, abs=1e-15), t
+    assert resolve_warmup_iters(tiny_cfg(SOLVER__WARMUP_ITERS=7), 100) == 7  # no fraction: WARMUP_ITERS
+    with pytest.raises(ValueError, match="LR_SCHEDULER_NAME"):
+        build_lr_scheduler(tiny_cfg(SOLVER__LR_SCHEDULER_NAME="WarmupCosineLR"), _optimizer(), 10)
+    with pytest.raises(ValueError, match="WARMUP_FRACTION"):
+        resolve_warmup_iters(tiny_cfg(SOLVER__WARMUP_FRACTION=1.0), 10)
+    with pytest.raises(ValueError, match="shorter"):
+        WarmupLinearDecay(10, 10)
+
+
+def test_resolve_schedule_writes_the_warmup_of_a_fraction():
+    from fiber_det.engine.trainer import resolve_schedule
+
+    cfg = resolve_schedule(tiny_cfg(SOLVER__MAX_ITER=250, SOLVER__WARMUP_FRACTION=0.1, SOLVER__STEPS=()))
+    assert (cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.WARMUP_FRACTION, cfg.SOLVER.MAX_ITER) == (25, 0.0, 250)

@@ -61,6 +61,7 @@ def test_lvis(tool, tmp_path):
     results = tool.main(["--task", "lvis", "--gt", str(tmp_path / "lvis_gt.json"),
                          "--predictions", str(out / LVIS_RESULTS_FILE)])
     assert_same(results, expected)
+    assert {"APr", "APc", "APf", "AR@-1", "ARs@-1", "ARm@-1", "ARl@-1"} <= set(results["bbox"])
 
 
 @pytest.mark.parametrize("with_root", [True, False])

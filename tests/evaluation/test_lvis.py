@@ -49,7 +49,8 @@ def predictions(apple_score=0.9):
 def test_perfect_predictions(lvis_dataset, tmp_path):
     out = tmp_path / "out"
     bbox = run(LVISFixedAPEvaluator(lvis_dataset, output_dir=str(out), distributed=False), predictions())
-    assert list(bbox) == ["AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf"]
+    assert list(bbox) == ["AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf",
+                          "AR@-1", "ARs@-1", "ARm@-1", "ARl@-1"]
     for key, value in bbox.items():
         assert value == pytest.approx(100.0), key
     dumped = json.loads((out / LVIS_RESULTS_FILE).read_text())
@@ -65,6 +66,20 @@ def test_one_wrong_box(lvis_dataset):
     assert bbox["APc"] == pytest.approx(0.0) and bbox["APr"] == pytest.approx(100.0)
     assert bbox["APm"] == pytest.approx(0.0)  # the bowl is the only medium GT box
     assert bbox["APs"] == pytest.approx(100.0) and bbox["APl"] == pytest.approx(100.0)
+    # recall: apple and cup found at every IoU threshold, bowl at none
+    assert bbox["AR@-1"] == pytest.approx(200 / 3)
+    assert (bbox["ARs@-1"], bbox["ARm@-1"], bbox["ARl@-1"]) == pytest.approx((100.0, 0.0, 100.0))
+
+
+def test_recall_over_iou_thresholds(lvis_dataset):
+    # the cup box covers 62 of the GT's 99 rows: IoU 62/99 = 0.626 matches at IoU 0.50, 0.55 and
+    # 0.60 only, so the cup's recall (and AP) is 3 of the 10 thresholds
+    preds = predictions()
+    preds[3] = make_instances([[0, 0, 99, 62]], [0.7], [3])
+    bbox = run(LVISFixedAPEvaluator(lvis_dataset, distributed=False), preds)
+    assert bbox["ARl@-1"] == pytest.approx(30.0) and bbox["APf"] == pytest.approx(30.0)
+    assert bbox["AR@-1"] == pytest.approx((100 + 100 + 30) / 3)
+    assert bbox["AP50"] == pytest.approx(100.0) and bbox["AP75"] == pytest.approx(200 / 3)
 
 
 def test_image_without_predictions(lvis_dataset):

@@ -141,3 +141,24 @@ def test_run_returns_only_the_head_outputs(model):
     assert [tuple(t.shape) for t in outputs["token_logits"]] == [(1, 16 * 24, 64), (1, 8 * 12, 64), (1, 4 * 6, 64),
                                                                    (1, 2 * 3, 64), (1, 1 * 2, 64)]
     assert [a.shape[0] for a in anchors] == [t.shape[1] for t in outputs["token_logits"]]
+
+
+def test_run_traces_into_one_graph(template):
+    """FIBER.run has no graph break (torch.compile fullgraph; the eager backend keeps this test
+    fast, tools/benchmark.py --section compile times the inductor build)."""
+    model = copy.deepcopy(template).eval()
+    x = cat_input()
+    images = model.preprocess_images([x]).tensor
+    input_ids, attention_mask = model.text_inputs(x["prompts"])
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            compiled = torch.compile(model.run, fullgraph=True, backend="eager")
+            out, anchors = compiled(images, input_ids, attention_mask)
+            ref, ref_anchors = model.run(images, input_ids, attention_mask)
+    finally:
+        torch._dynamo.reset()
+    for key in ("box_deltas", "centerness", "token_logits"):
+        for a, b in zip(out[key], ref[key]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(anchors, ref_anchors))

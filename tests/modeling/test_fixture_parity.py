@@ -113,3 +113,17 @@ def test_float_values_without_group_tolerate_one_ulp_integers_stay_exact(fixture
     assert not _compare(fixture_v2, key, expected + 1e-5, expected).ok
     ints = torch.tensor([1, 2, 3])
     assert not _compare(fixture_v2, "outputs_train/atss_assignment[0]/matched_gt_index", ints + 1, ints).ok
+
+
+def test_parity_with_the_other_attention_kernels(fixture_v2, fixture_tokenizer_dir, fixture_model):
+    """MODEL.FIBER.SDPA switched from its default keeps eval parity (the default is covered above
+    and by tools/check_reference_parity.py)."""
+    from fiber_det.checkpoint.parity import build_fixture_model
+
+    default = fixture_model.backbone.bottom_up.vision.layers[0].blocks[0].attn.sdpa
+    model, _ = build_fixture_model(fixture_v2, str(fixture_tokenizer_dir), ["MODEL.FIBER.SDPA", str(not default)])
+    attention = [m.sdpa for m in model.modules() if hasattr(m, "sdpa")]
+    assert len(attention) == 24 + 12 + 6 and set(attention) == {not default}  # Swin blocks, text self + cross
+    results = eval_comparisons(fixture_v2, model)
+    sel = _assert_group(results, "outputs_eval/")
+    assert len(sel) >= 78  # every eval tensor of the fixture, detections included

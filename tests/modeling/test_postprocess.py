@@ -99,3 +99,13 @@ def test_chunk_merge_keeps_every_chunk_sorted_with_stable_ties():
     assert merge_chunk_detections([b], max_detections=1) is b  # one chunk: its own cut already applied
     with pytest.raises(ValueError, match="no chunk"):
         merge_chunk_detections([])
+
+
+def test_phrase_scores_equal_the_per_label_mean_exactly():
+    """Labels averaged in groups of equal token count give exactly upstream's per-label mean."""
+    probs = torch.rand(300, 64, generator=torch.Generator().manual_seed(0))
+    token_map = {1: (1,), 2: (2, 3, 4), 5: (6, 7), 3: (9, 10, 11), 9: (13,), 4: tuple(range(20, 37))}
+    scores, labels = phrase_scores(probs, token_map)
+    assert labels.tolist() == [1, 2, 3, 4, 5, 9]
+    for col, label in enumerate(labels.tolist()):
+        assert torch.equal(scores[:, col], probs[:, list(token_map[label])].mean(-1)), label

@@ -16,7 +16,8 @@ from detectron2.config import configurable
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
 
-from .fusion import FusionBottomUp
+from .fusion import FusionBottomUp, TextState
+from .swin import SwinState
 
 __all__ = ["DropBlock2d", "FiberBackbone", "build_fiber_backbone"]
 
@@ -74,7 +75,15 @@ class FiberBackbone(FPN):
         return 32
 
     def forward(self, images, input_ids, attention_mask) -> Tuple[Dict[str, torch.Tensor], dict]:
-        bottom_up, language = self.bottom_up(images, input_ids, attention_mask)
+        return self.pyramid(*self.bottom_up(images, input_ids, attention_mask))
+
+    def fused(self, image: SwinState, text: TextState) -> Tuple[Dict[str, torch.Tensor], dict]:
+        """What :meth:`forward` returns, from an image prefix and a text prefix of the same batch
+        size (:meth:`FusionBottomUp.image_prefix` / :meth:`~FusionBottomUp.text_prefix`)."""
+        return self.pyramid(*self.bottom_up.fused(image, text))
+
+    def pyramid(self, bottom_up: Dict[str, torch.Tensor], language: dict) -> Tuple[Dict[str, torch.Tensor], dict]:
+        """C3-C5 of the bottom-up -> P3-P7 (the language dict passes through)."""
         feats = [bottom_up[f] for f in self.in_features]  # C3, C4, C5
         prev = self.lateral_convs[0](feats[-1])
         results = [self.output_convs[0](prev)]

@@ -73,6 +73,20 @@ class TextState:
     attention_mask: torch.Tensor
     next_layer: int = 0
 
+    @staticmethod
+    def cat(states: Sequence["TextState"]) -> "TextState":
+        """The batch of the given states, in order (the same length T and next layer)."""
+        first = states[0]
+        if any((s.hidden.shape[1], s.next_layer) != (first.hidden.shape[1], first.next_layer) for s in states):
+            raise ValueError("TextState.cat: the states differ in length or next layer")
+        return TextState(torch.cat([s.hidden for s in states]), torch.cat([s.additive_mask for s in states]),
+                         torch.cat([s.attention_mask for s in states]), first.next_layer)
+
+    def row(self, i: int) -> "TextState":
+        """Batch row ``i`` as a state of batch size 1."""
+        return TextState(self.hidden[i:i + 1], self.additive_mask[i:i + 1], self.attention_mask[i:i + 1],
+                         self.next_layer)
+
 
 def text_config_from_cfg(cfg) -> TextEncoderConfig:
     """The text tower architecture from ``MODEL.FIBER.TEXT``."""
@@ -152,13 +166,13 @@ class FusionBottomUp(Backbone):
             drop_path_rate=f.SWIN.DROP_PATH_RATE, out_indices=out_indices, text_dim=text_cfg.hidden_size,
             fused_blocks=[(p.stage, p.block) for p in schedule], i2t_query_norm=f.FUSION.I2T_QUERY_NORM,
             shift_single_window=f.SWIN.SHIFT_SINGLE_WINDOW, final_norm=final_norm,
-            use_checkpoint=f.SWIN.USE_CHECKPOINT,
+            use_checkpoint=f.SWIN.USE_CHECKPOINT, sdpa=f.SDPA,
         )
         vision.freeze(cfg.MODEL.BACKBONE.FREEZE_AT)
         image_dims: List[Optional[int]] = [None] * text_cfg.num_hidden_layers
         for p in schedule:
             image_dims[p.text_layer] = p.image_dim
-        text = TextEncoder(text_cfg, image_dims, use_checkpoint=f.TEXT.USE_CHECKPOINT)
+        text = TextEncoder(text_cfg, image_dims, use_checkpoint=f.TEXT.USE_CHECKPOINT, sdpa=f.SDPA)
         text.freeze(f.TEXT.FREEZE_AT)
         if f.TEXT.FREEZE_WORD_EMBEDDINGS:
             text.embeddings.word_embeddings.weight.requires_grad_(False)
@@ -237,7 +251,7 @@ class FusionBottomUp(Backbone):
     def forward(
         self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-        """The fine-grained detector's bottom-up.
+        """The fine-grained detector's bottom-up: :meth:`fused` on the two prefixes.
 
         Returns:
             ({"res{i+2}": (B, C_i, H/stride, W/stride)} for the Swin's ``out_indices``,
@@ -245,13 +259,18 @@ class FusionBottomUp(Backbone):
             masked mean}).
         """
         text = self.text_prefix(input_ids, attention_mask)  # first: keeps the order of random draws
-        image, hidden = self.fuse(self.image_prefix(images), text)
-        m = attention_mask.to(hidden.dtype)
+        return self.fused(self.image_prefix(images), text)
+
+    def fused(self, image: SwinState, text: TextState) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        """The detector's bottom-up from an image prefix and a text prefix of the same batch size
+        (row b of one with row b of the other); returns what :meth:`forward` returns."""
+        image, hidden = self.fuse(image, text)
+        m = text.attention_mask.to(hidden.dtype)
         embedded = hidden * m.unsqueeze(-1)
         language = {
             "hidden": hidden,
             "embedded": embedded,
-            "masks": attention_mask,
+            "masks": text.attention_mask,
             "aggregate": embedded.sum(1) / m.sum(1, keepdim=True),
         }
         return image.stage_outputs, language

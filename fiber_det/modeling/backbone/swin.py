@@ -75,6 +75,11 @@ class WindowAttention(nn.Module):
     ``norm_i2t_i`` when ``i2t_query_norm``, FIBER v3); keys/values come from the text hidden
     states through ``qkv_text_i2t``; the result is scaled by the gate ``alpha_i2t`` and added to
     the self-attention output, i.e. it shares the block's residual branch.
+
+    ``sdpa`` computes both attentions with ``F.scaled_dot_product_attention`` (relative position
+    bias and shift mask passed as its additive mask): the same function, other float rounding
+    (about 1e-6), faster. The window self-attention keeps the upstream matmul / softmax sequence
+    while its bias table is being trained (fused kernels give no gradient to a mask).
     """
 
     def __init__(
@@ -84,8 +89,10 @@ class WindowAttention(nn.Module):
         num_heads: int,
         text_dim: Optional[int] = None,
         i2t_query_norm: bool = False,
+        sdpa: bool = False,
     ):
         super().__init__()
+        self.sdpa = sdpa
         self.dim = dim
         self.window_size = window_size
         self.num_heads = num_heads
@@ -114,10 +121,19 @@ class WindowAttention(nn.Module):
         bw, n, c = x.shape
         qkv = self.qkv(x).reshape(bw, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        q = q * self.scale
-        attn = q @ k.transpose(-2, -1)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         bias = bias.view(n, n, -1).permute(2, 0, 1).contiguous()
+        if self.sdpa and not (bias.requires_grad and torch.is_grad_enabled()):
+            # one additive mask per window (bias + shift mask), materialised: the fused CPU
+            # kernel is slower on broadcast (stride-0) masks. A mask that needs a gradient (a
+            # trained bias table) has no fused kernel: the matmul path below is faster then.
+            mask = bias.unsqueeze(0) if shift_mask is None else bias.unsqueeze(0) + shift_mask.unsqueeze(1)
+            mask = mask.to(q.dtype).unsqueeze(0).expand(bw // mask.shape[0], *mask.shape)
+            mask = mask.reshape(bw, self.num_heads, n, n)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            return self.proj(x.transpose(1, 2).reshape(bw, n, c))
+        q = q * self.scale
+        attn = q @ k.transpose(-2, -1)
         attn = attn + bias.unsqueeze(0)
         if shift_mask is not None:
             nw = shift_mask.shape[0]
@@ -138,11 +154,12 @@ class WindowAttention(nn.Module):
         q = self.qkv_i2t(q_in).reshape(b, bw // b * n, heads, hd).transpose(1, 2)
         kv = self.qkv_text_i2t(text.hidden).reshape(b, t, 2, heads, hd).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)
-        q = q * self.scale
-        attn = (q @ k.transpose(-2, -1)) + text.additive_mask
-        attn = attn.softmax(dim=-1)
-        y = (attn @ v).transpose(1, 2).reshape(bw, n, c)
-        return self.proj_i2t(y)
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=text.additive_mask.to(q.dtype), scale=self.scale)
+        else:
+            attn = ((q * self.scale) @ k.transpose(-2, -1)) + text.additive_mask
+            y = attn.softmax(dim=-1) @ v
+        return self.proj_i2t(y.transpose(1, 2).reshape(bw, n, c))
 
     def forward(
         self,
@@ -184,13 +201,14 @@ class SwinBlock(nn.Module):
         text_dim: Optional[int] = None,
         i2t_query_norm: bool = False,
         shift_single_window: bool = True,
+        sdpa: bool = False,
     ):
         super().__init__()
         self.window_size = window_size
         self.shift_size = shift_size
         self.shift_single_window = shift_single_window
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, window_size, num_heads, text_dim, i2t_query_norm)
+        self.attn = WindowAttention(dim, window_size, num_heads, text_dim, i2t_query_norm, sdpa)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
@@ -286,6 +304,15 @@ class SwinState:
     next_block: int = 0
     stage_outputs: Dict[str, torch.Tensor] = field(default_factory=dict)
 
+    @staticmethod
+    def cat(states: Sequence["SwinState"]) -> "SwinState":
+        """The batch of the given states, in order (the same token map size and block)."""
+        first = states[0]
+        if any((s.height, s.width, s.next_block) != (first.height, first.width, first.next_block) for s in states):
+            raise ValueError("SwinState.cat: the states differ in token map size or next block")
+        return SwinState(torch.cat([s.tokens for s in states]), first.height, first.width, first.next_block,
+                         {k: torch.cat([s.stage_outputs[k] for s in states]) for k in first.stage_outputs})
+
 
 # called before a fused block with (flat block index, the block's input tokens (B, H*W, C));
 # returns the text state that block attends to
@@ -318,6 +345,7 @@ class SwinTransformer(nn.Module):
         shift_single_window: bool = True,
         final_norm: bool = False,
         use_checkpoint: bool = False,
+        sdpa: bool = False,
     ):
         """
         Args:
@@ -332,6 +360,8 @@ class SwinTransformer(nn.Module):
             final_norm: create the classifier's final LayerNorm ``norm`` over the last stage
                 (applied by the caller, e.g. the coarse model's contrastive image path).
             use_checkpoint: activation checkpointing of every block in training.
+            sdpa: attention through ``torch.nn.functional.scaled_dot_product_attention`` (the
+                same function up to float rounding; see :class:`WindowAttention`).
         """
         super().__init__()
         self.num_layers = len(depths)
@@ -355,7 +385,8 @@ class SwinTransformer(nn.Module):
             dim, first = self.num_features[i], sum(depths[:i])
             blocks = [
                 SwinBlock(dim, num_heads[i], window_size, 0 if j % 2 == 0 else window_size // 2, mlp_ratio,
-                          dpr[first + j], text_dim if (i, j) in fused else None, i2t_query_norm, shift_single_window)
+                          dpr[first + j], text_dim if (i, j) in fused else None, i2t_query_norm, shift_single_window,
+                          sdpa)
                 for j in range(depth)
             ]
             self.layers.append(BasicLayer(blocks, PatchMerging(dim) if i < self.num_layers - 1 else None, window_size))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint as torch_checkpoint
 from torch import nn
 
@@ -94,10 +95,14 @@ class TextEmbeddings(nn.Module):
 
 class MultiHeadAttention(nn.Module):
     """HF-style attention core: ``query``/``key``/``value`` Linears, scores / sqrt(d_head),
-    additive mask, softmax, dropout. Keys/values may have another width than queries."""
+    additive mask, softmax, dropout. Keys/values may have another width than queries.
 
-    def __init__(self, hidden: int, heads: int, kv_dim: Optional[int], dropout: float):
+    ``sdpa``: the same through ``F.scaled_dot_product_attention`` (other float rounding; its own
+    dropout draws in training)."""
+
+    def __init__(self, hidden: int, heads: int, kv_dim: Optional[int], dropout: float, sdpa: bool = False):
         super().__init__()
+        self.sdpa = sdpa
         if hidden % heads:
             raise ValueError(f"hidden size {hidden} not divisible by {heads} heads")
         self.heads, self.head_dim = heads, hidden // heads
@@ -116,11 +121,17 @@ class MultiHeadAttention(nn.Module):
         kv = hidden if kv is None else kv
         q = self._split(self.query(hidden))
         k, v = self._split(self.key(kv)), self._split(self.value(kv))
-        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
-        if mask is not None:
-            scores = scores + mask
-        probs = self.dropout(scores.softmax(dim=-1))
-        ctx = torch.matmul(probs, v).permute(0, 2, 1, 3)
+        if self.sdpa:
+            ctx = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if mask is None else mask.to(q.dtype),
+                dropout_p=self.dropout.p if self.training else 0.0,
+            )
+        else:
+            scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+            if mask is not None:
+                scores = scores + mask
+            ctx = torch.matmul(self.dropout(scores.softmax(dim=-1)), v)
+        ctx = ctx.permute(0, 2, 1, 3)
         return ctx.reshape(ctx.shape[0], ctx.shape[1], -1)
 
 
@@ -141,10 +152,10 @@ class _Dense(nn.Module):
 class _AttentionBlock(nn.Module):
     """``self`` (the attention core) + ``output`` (dense, dropout [, LayerNorm])."""
 
-    def __init__(self, cfg: TextEncoderConfig, kv_dim: Optional[int], with_norm: bool):
+    def __init__(self, cfg: TextEncoderConfig, kv_dim: Optional[int], with_norm: bool, sdpa: bool = False):
         super().__init__()
         d = cfg.hidden_size
-        self.self = MultiHeadAttention(d, cfg.num_attention_heads, kv_dim, cfg.attention_probs_dropout_prob)
+        self.self = MultiHeadAttention(d, cfg.num_attention_heads, kv_dim, cfg.attention_probs_dropout_prob, sdpa)
         self.output = _Dense(d, d, cfg.hidden_dropout_prob, cfg.layer_norm_eps if with_norm else None)
 
 
@@ -160,17 +171,17 @@ class TextLayer(nn.Module):
     out the final LN (the official coarse model's last fused text layer).
     """
 
-    def __init__(self, cfg: TextEncoderConfig, image_dim: Optional[int] = None):
+    def __init__(self, cfg: TextEncoderConfig, image_dim: Optional[int] = None, sdpa: bool = False):
         super().__init__()
         d = cfg.hidden_size
-        self.attention = _AttentionBlock(cfg, None, with_norm=True)
+        self.attention = _AttentionBlock(cfg, None, with_norm=True, sdpa=sdpa)
         self.intermediate = nn.Module()
         self.intermediate.dense = nn.Linear(d, cfg.intermediate_size)
         self.act = nn.GELU()
         self.output = _Dense(cfg.intermediate_size, d, cfg.hidden_dropout_prob, cfg.layer_norm_eps)
         self.image_dim = image_dim
         if image_dim is not None:
-            self.crossattention_t2i = _AttentionBlock(cfg, image_dim, with_norm=False)
+            self.crossattention_t2i = _AttentionBlock(cfg, image_dim, with_norm=False, sdpa=sdpa)
             self.alpha_t2i = nn.Parameter(torch.zeros(1))
 
     def forward(self, hidden, mask, image_tokens=None, last_norm: bool = True):
@@ -195,7 +206,7 @@ class TextEncoder(nn.Module):
     """
 
     def __init__(self, cfg: TextEncoderConfig, image_dims: Optional[Sequence[Optional[int]]] = None,
-                 use_checkpoint: bool = False):
+                 use_checkpoint: bool = False, sdpa: bool = False):
         super().__init__()
         self.config = cfg
         image_dims = list(image_dims) if image_dims is not None else [None] * cfg.num_hidden_layers
@@ -203,7 +214,7 @@ class TextEncoder(nn.Module):
             raise ValueError(f"image_dims has {len(image_dims)} entries for {cfg.num_hidden_layers} layers")
         self.embeddings = TextEmbeddings(cfg)
         self.encoder = nn.Module()
-        self.encoder.layer = nn.ModuleList(TextLayer(cfg, dim) for dim in image_dims)
+        self.encoder.layer = nn.ModuleList(TextLayer(cfg, dim, sdpa) for dim in image_dims)
         self.use_checkpoint = use_checkpoint
         self.apply(self._init_weights)
 

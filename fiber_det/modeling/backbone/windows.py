@@ -35,7 +35,9 @@ def shift_window_mask(height: int, width: int, window: int, shift: int, device=N
     """(nW, N, N) attention mask of cyclically shifted windows over an (H, W) map padded to
     window multiples: 0 between tokens of the same region, -100.0 across regions (the upstream
     value, not -inf). N = window²."""
-    hp, wp = -(-height // window) * window, -(-width // window) * window
+    # ceil to window multiples with non-negative operands only: traced for ONNX, a floor
+    # division of a negative size becomes ONNX Div, which truncates (a wrong, smaller mask)
+    hp, wp = (height + window - 1) // window * window, (width + window - 1) // window * window
     img = torch.zeros((1, hp, wp, 1), device=device)
     cnt = 0
     for hs in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):

@@ -46,7 +46,8 @@ from ...data.tokenization import build_tokenizer
 from ...utils.paths import resolve_path
 from ..backbone.fusion import FusionBottomUp
 from .heads import ITMHead, MLMHead, Pooler, init_head_weights
-from .objectives import MLMMasker, hard_negative_weights, itc_logits, itc_loss, itm_pairs, sample_hard_negatives
+from .objectives import (MLMMasker, hard_negative_weights, itc_logits, itc_loss, itm_pairs, itm_random_pairs,
+                         sample_hard_negatives)
 from .queue import ContrastiveQueue
 from .retrieval import RetrievalMixin
 
@@ -57,6 +58,10 @@ __all__ = ["FiberCoarsePretrain"]
 class FiberCoarsePretrain(RetrievalMixin, nn.Module):
     """Fusion backbone + contrastive projections/poolers, fused projections/poolers, ITC
     temperature and queue, ITM and MLM heads (official module names)."""
+
+    # with an objective off (or ITC alone) the fused path and some heads get no gradient: DDP must
+    # look for unused parameters, as the official Lightning run does (FiberTrainer reads this)
+    find_unused_parameters = True
 
     @configurable
     def __init__(
@@ -77,6 +82,7 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
         temperature: float = 0.07,
         mlm_probability: float = 0.15,
         fused_output_norms: bool = False,
+        pad_to_max: bool = True,
     ):
         """
         Args:
@@ -87,12 +93,16 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
             pixel_mean, pixel_std: RGB, 0-1 units (applied after /255).
             tokenizer: a HF tokenizer with a mask token (needed for MLM training only).
             vocab_size: rows of the MLM decoder.
-            itc, itm, mlm: the objectives (heads built); training ITM draws its negatives from the
-                ITC scores, so it needs ITC, while ITM retrieval scoring does not.
+            itc, itm, mlm: the objectives (heads built). Training ITM with ITC draws hard
+                negatives from the ITC scores (pre-training); without ITC it takes random ones:
+                every input then carries a "false_image" (ITM retrieval fine-tuning).
             queue_size, temperature: ITC queue length and initial temperature.
             mlm_probability: MLM selection rate.
             fused_output_norms: apply the Swin final norm and the last text layer's output
                 LayerNorm on the fused path too (official: False).
+            pad_to_max: run the text tower on all T positions (official); False: only up to the
+                longest caption of the batch (the trailing pads are masked, so the outputs are equal
+                up to float round-off, and faster). The queue always stores T tokens.
         """
         super().__init__()
         if backbone.vision.norm is None:
@@ -104,6 +114,7 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
         self.image_size, self.text_length = image_size, text_length
         self.use_itc, self.use_itm, self.use_mlm = itc, itm, mlm
         self.fused_output_norms = fused_output_norms
+        self.pad_to_max = pad_to_max
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
         heads = _build_heads(backbone, embed_dim, vocab_size, mlm, itm)
@@ -139,6 +150,7 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
             "temperature": c.TEMPERATURE,
             "mlm_probability": c.MLM_PROBABILITY,
             "fused_output_norms": c.FUSED_OUTPUT_NORMS,
+            "pad_to_max": f.TEXT.PAD_TO_MAX,
         }
 
     @property
@@ -188,6 +200,7 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Contrastive text features: every text layer without fusion (all with their output
         LayerNorm) -> projection -> pooler on ``<s>`` -> L2 normalisation. (B, T) -> (B, H)."""
+        input_ids, attention_mask = self._trim(input_ids, attention_mask)
         x = self.cross_modal_text_transform_itc(self.backbone.encode_text(input_ids, attention_mask))
         t = self.cross_modal_text_pooler_itc(x)
         return t / t.norm(dim=-1, keepdim=True)
@@ -201,6 +214,7 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
             "cls_feats": (B, 2H) [text pooler on <s> ; image pooler on the token mean]}.
         """
         bb = self.backbone
+        input_ids, attention_mask = self._trim(input_ids, attention_mask)
         image, hidden = bb.fuse(bb.image_prefix(images), bb.text_prefix(input_ids, attention_mask),
                                 last_text_norm=self.fused_output_norms)
         tokens = bb.vision.norm(image.tokens) if self.fused_output_norms else image.tokens
@@ -209,6 +223,13 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
         cls_feats = torch.cat([self.cross_modal_text_pooler(text_feats),
                                self.cross_modal_image_pooler(_token_mean(image_feats))], dim=-1)
         return {"text_feats": text_feats, "image_feats": image_feats, "cls_feats": cls_feats}
+
+    def _trim(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Without ``pad_to_max``: the (B, T) captions cut after the batch's last non-pad column."""
+        if self.pad_to_max or input_ids.shape[1] == 0:
+            return input_ids, attention_mask
+        n = max(int(attention_mask.sum(1).max()), 1)
+        return input_ids[:, :n], attention_mask[:, :n]
 
     # ---- forward ----
     def forward(self, batched_inputs: List[dict]):
@@ -222,7 +243,14 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
                 raise ValueError("MLM training needs a tokenizer: set MODEL.FIBER.TEXT.TOKENIZER")
             (special,) = self.text_inputs(batched_inputs, keys=("special_tokens_mask",))
             mlm_ids, mlm_labels = self.masker(input_ids, special)
-        return self.losses(images, input_ids, attention_mask, mlm_ids, mlm_labels)
+        false_images = None
+        if self.use_itm and not self.use_itc:
+            missing = [i for i, x in enumerate(batched_inputs) if "false_image" not in x]
+            if missing:
+                raise ValueError(f"inputs {missing} lack 'false_image': ITM without ITC trains on random negatives, "
+                                 "which the training mapper draws (ImageCaptionMapper(false_images=...))")
+            false_images = self.preprocess_images([{"image": x["false_image"]} for x in batched_inputs])
+        return self.losses(images, input_ids, attention_mask, mlm_ids, mlm_labels, false_images=false_images)
 
     @torch.no_grad()
     def embeddings(self, batched_inputs: List[dict]) -> List[Dict[str, torch.Tensor]]:
@@ -245,31 +273,34 @@ class FiberCoarsePretrain(RetrievalMixin, nn.Module):
         return out
 
     def losses(self, images, input_ids, attention_mask, mlm_input_ids=None, mlm_labels=None,
-               record: Optional[dict] = None) -> Dict[str, torch.Tensor]:
-        """One pre-training step on prepared tensors, in the official order MLM, ITC, ITM.
+               record: Optional[dict] = None, false_images=None) -> Dict[str, torch.Tensor]:
+        """One training step on prepared tensors, in the official order MLM, ITC, ITM.
 
         Args:
             images: (B, 3, S, S) normalised; input_ids, attention_mask: (B, T).
             mlm_input_ids, mlm_labels: (B, T) masked ids and labels (-100 = not selected).
             record: when a dict, filled with the step's intermediate tensors (for inspection).
+            false_images: (B, 3, S, S) normalised random images, for ITM without ITC.
         Returns:
             {"loss_mlm", "loss_itc", "loss_itm"} of the enabled objectives. In training mode the
             ITC queue receives this batch after the hard negatives were drawn.
         """
-        if self.use_itm and not self.use_itc:
-            raise ValueError("ITM training needs ITC (MODEL.FIBER.COARSE.ITC_ON): its negatives are sampled from "
-                             "the ITC scores; the official ITM-only fine-tuning with random negatives from the "
-                             "data loader is not implemented (ITM scoring for retrieval works without ITC)")
+        if self.use_itm and not self.use_itc and false_images is None:
+            raise ValueError("ITM without ITC trains on random negatives: pass false_images")
         record = {} if record is None else record
         losses = {}
         if self.use_mlm:
             logits = self.mlm_score(self.fused_features(images, mlm_input_ids, attention_mask)["text_feats"])
             record["mlm_logits"] = logits
-            losses["loss_mlm"] = F.cross_entropy(logits.flatten(0, 1), mlm_labels.flatten(), ignore_index=-100)
+            labels = mlm_labels[:, :logits.shape[1]]  # pads (cut without pad_to_max) are never selected
+            losses["loss_mlm"] = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
         if self.use_itc:
             losses["loss_itc"], negatives = self._itc_step(images, input_ids, attention_mask, record)
         if self.use_itm:
-            imgs, ids, mask, labels = itm_pairs(images, input_ids, attention_mask, *negatives)
+            if self.use_itc:  # hard negatives: 3B pairs
+                imgs, ids, mask, labels = itm_pairs(images, input_ids, attention_mask, *negatives)
+            else:  # random negatives: B pairs, half of them with their false image
+                (imgs, labels), ids, mask = itm_random_pairs(images, false_images), input_ids, attention_mask
             fused = self.fused_features(imgs, ids, mask)
             logits = self.itm_score(fused["cls_feats"])
             record.update(itm_logits=logits, itm_labels=labels, itm_cls_feats=fused["cls_feats"],

@@ -1,5 +1,5 @@
 """The coarse model's objectives as functions of tensors: ITC logits and loss, hard-negative
-sampling for ITM, ITM pairs, and MLM masking. Shapes: B batch, H contrastive width, Q queue size.
+sampling for ITM, ITM pairs (hard or random negatives), and MLM masking. Shapes: B batch, H contrastive width, Q queue size.
 """
 from typing import Tuple
 
@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DataCollatorForLanguageModeling
 
-__all__ = ["itc_logits", "itc_loss", "hard_negative_weights", "sample_hard_negatives", "itm_pairs", "MLMMasker"]
+__all__ = ["itc_logits", "itc_loss", "hard_negative_weights", "sample_hard_negatives", "itm_pairs",
+           "itm_random_pairs", "MLMMasker"]
 
 
 def itc_logits(image_feat: torch.Tensor, text_feat: torch.Tensor, image_queue: torch.Tensor,
@@ -92,6 +93,22 @@ def itm_pairs(images, input_ids, attention_mask, neg_images, neg_ids, neg_mask):
         torch.cat([attention_mask, neg_mask, attention_mask]),
         labels,
     )
+
+
+def itm_random_pairs(images: torch.Tensor, false_images: torch.Tensor):
+    """ITM with random negatives (the official ITM-only fine-tuning): floor(B/2) labels 1 and the
+    rest 0, shuffled with ``torch.randperm`` (global CPU generator); a pair labelled 0 swaps its
+    image for its ``false_images`` row (an image drawn at random from the training set by the
+    data loader, which can be the true one).
+
+    Args:
+        images, false_images: (B, 3, S, S).
+    Returns:
+        (images (B, 3, S, S), labels (B,) int64).
+    """
+    b = images.shape[0]
+    labels = torch.cat([torch.ones(b // 2), torch.zeros(b - b // 2)])[torch.randperm(b)].long().to(images.device)
+    return torch.where(labels.view(-1, 1, 1, 1).bool(), images, false_images), labels
 
 
 class MLMMasker:

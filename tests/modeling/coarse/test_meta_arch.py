@@ -65,14 +65,12 @@ def test_objective_switches(itc, itm, mlm):
         assert hasattr(model.queue, "image_input_queue") == itm  # inputs are kept for ITM only
 
 
-def test_itm_without_itc_scores_but_does_not_train():
-    # the official ITM retrieval fine-tunes have no ITC queue; their ITM head still scores pairs
+def test_itm_without_itc_scores_pairs():
+    # the official ITM retrieval fine-tunes have no ITC queue; their ITM head scores pairs
     model = coarse_model(MODEL__FIBER__COARSE__ITC_ON=False)
     assert not hasattr(model, "queue") and "temp" not in model.state_dict()
     batch = pair_inputs(model, 2)
     assert model.eval().itm_score_matrix(batch, batch).shape == (2, 2)
-    with pytest.raises(ValueError, match="ITM training needs ITC"):
-        model.train()(batch)
 
 
 def test_window_must_be_image_size_over_32():
@@ -190,3 +188,18 @@ def test_the_image_caption_mapper_feeds_the_model(tmp_path):
     items = [{**records[0], "modality": "image"}, {**records[1], "modality": "text"}]
     out = model([ImageCaptionMapper(cfg, False)(r) for r in items])
     assert set(out[0]) == {"image_embedding"} and set(out[1]) == {"text_embedding"}
+
+
+def test_itm_without_itc_trains_on_random_negatives():
+    model = coarse_model(MODEL__FIBER__COARSE__ITC_ON=False, MODEL__FIBER__COARSE__MLM_ON=False).train()
+    inputs = pair_inputs(model)
+    with pytest.raises(ValueError, match="false_image"):
+        model(inputs)
+    for i, x in enumerate(inputs):  # each pair's "random" image: the next pair's
+        x["false_image"] = inputs[(i + 1) % len(inputs)]["image"]
+    torch.manual_seed(0)
+    losses = model(inputs)
+    assert set(losses) == {"loss_itm"} and torch.isfinite(losses["loss_itm"])
+    losses["loss_itm"].backward()
+    assert model.itm_score.fc.weight.grad.abs().sum() > 0
+    assert not hasattr(model, "queue") and not hasattr(model, "temp")

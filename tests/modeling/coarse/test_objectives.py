@@ -88,3 +88,17 @@ def test_mlm_masking_follows_the_collator_rule():
     torch.manual_seed(0)
     again, _ = masker(ids, special)
     assert torch.equal(again, masked)  # the global generator decides
+
+
+def test_itm_random_pairs_half_matched_with_the_false_images_elsewhere():
+    from fiber_det.modeling.coarse.objectives import itm_random_pairs
+
+    images, false_images = torch.arange(5.0).view(5, 1, 1, 1).expand(5, 3, 2, 2), -torch.ones(5, 3, 2, 2)
+    torch.manual_seed(0)
+    expected_order = torch.randperm(5)
+    torch.manual_seed(0)
+    imgs, labels = itm_random_pairs(images, false_images)
+    # floor(5/2) = 2 matched pairs, shuffled by torch.randperm as the official code does
+    assert torch.equal(labels, torch.tensor([1, 1, 0, 0, 0])[expected_order]) and labels.dtype == torch.int64
+    for b in range(5):
+        assert torch.equal(imgs[b], images[b] if labels[b] == 1 else false_images[b])
