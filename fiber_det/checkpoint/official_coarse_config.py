@@ -14,7 +14,7 @@ from detectron2.config import CfgNode, get_cfg
 
 from ..config import add_fiber_config
 from ..utils.paths import REPO_ROOT
-from .official_config import ROBERTA_BASE
+from .official_config import ROBERTA_BASE, set_text_tower
 
 __all__ = ["translate_official_coarse_config", "COARSE_BASE_CONFIG"]
 
@@ -75,19 +75,7 @@ def translate_official_coarse_config(
     f.SWIN.EMBED_DIM, f.SWIN.DEPTHS, f.SWIN.NUM_HEADS = embed, depths, heads
     f.SWIN.WINDOW_SIZE = config["image_size"] // 32
     f.SWIN.MLP_RATIO = float(config.get("mlp_ratio", 4))
-    f.TEXT.ARCH = text.get("model_type", "roberta")
-    f.TEXT.VOCAB_SIZE = text["vocab_size"]
-    f.TEXT.HIDDEN_SIZE = text["hidden_size"]
-    f.TEXT.NUM_LAYERS = text["num_hidden_layers"]
-    f.TEXT.NUM_HEADS = text["num_attention_heads"]
-    f.TEXT.INTERMEDIATE_SIZE = text["intermediate_size"]
-    f.TEXT.MAX_POSITIONS = text["max_position_embeddings"]
-    f.TEXT.TYPE_VOCAB_SIZE = text["type_vocab_size"]
-    f.TEXT.LAYER_NORM_EPS = float(text["layer_norm_eps"])
-    f.TEXT.PAD_TOKEN_ID = text["pad_token_id"]
-    f.TEXT.DROPOUT = float(text["hidden_dropout_prob"])
-    f.TEXT.ATTENTION_DROPOUT = float(text["attention_probs_dropout_prob"])
-    f.TEXT.TOKENIZER = tokenizer
+    set_text_tower(f.TEXT, text, tokenizer)
     f.TEXT.MAX_QUERY_LEN = config["max_text_len"]
     f.FUSION.NUM_LAYERS = config["num_fuse_block"]
     c = f.COARSE

@@ -212,6 +212,24 @@ def _official_fused_blocks(depths) -> int:
     return sum(max(0, d - 14) for d in depths[:3]) + depths[3]
 
 
+def set_text_tower(t: CfgNode, text: Dict[str, Any], tokenizer: str) -> None:
+    """MODEL.FIBER.TEXT's architecture keys (``t``) from a Hugging Face BERT / RoBERTa config dict
+    (``model_type`` defaults to "roberta", as the official models are) and the tokenizer folder."""
+    t.ARCH = text.get("model_type", "roberta")
+    t.VOCAB_SIZE = text["vocab_size"]
+    t.HIDDEN_SIZE = text["hidden_size"]
+    t.NUM_LAYERS = text["num_hidden_layers"]
+    t.NUM_HEADS = text["num_attention_heads"]
+    t.INTERMEDIATE_SIZE = text["intermediate_size"]
+    t.MAX_POSITIONS = text["max_position_embeddings"]
+    t.TYPE_VOCAB_SIZE = text["type_vocab_size"]
+    t.LAYER_NORM_EPS = float(text["layer_norm_eps"])
+    t.PAD_TOKEN_ID = text["pad_token_id"]
+    t.DROPOUT = float(text["hidden_dropout_prob"])
+    t.ATTENTION_DROPOUT = float(text["attention_probs_dropout_prob"])
+    t.TOKENIZER = tokenizer
+
+
 def translate_official_config(
     source: str, text_model_config: Optional[dict] = None, tokenizer: str = ""
 ) -> CfgNode:
@@ -277,19 +295,7 @@ def translate_official_config(
     f.SWIN.MLP_RATIO = float(o["MODEL.SWINT.MLP_RATIO"])
     f.SWIN.DROP_PATH_RATE = float(o["MODEL.SWINT.DROP_PATH_RATE"])
     f.SWIN.USE_CHECKPOINT = bool(o["MODEL.BACKBONE.USE_CHECKPOINT"])
-    f.TEXT.ARCH = text["model_type"]
-    f.TEXT.VOCAB_SIZE = text["vocab_size"]
-    f.TEXT.HIDDEN_SIZE = text["hidden_size"]
-    f.TEXT.NUM_LAYERS = n_text
-    f.TEXT.NUM_HEADS = text["num_attention_heads"]
-    f.TEXT.INTERMEDIATE_SIZE = text["intermediate_size"]
-    f.TEXT.MAX_POSITIONS = text["max_position_embeddings"]
-    f.TEXT.TYPE_VOCAB_SIZE = text["type_vocab_size"]
-    f.TEXT.LAYER_NORM_EPS = float(text["layer_norm_eps"])
-    f.TEXT.PAD_TOKEN_ID = text["pad_token_id"]
-    f.TEXT.DROPOUT = float(text["hidden_dropout_prob"])
-    f.TEXT.ATTENTION_DROPOUT = float(text["attention_probs_dropout_prob"])
-    f.TEXT.TOKENIZER = tokenizer
+    set_text_tower(f.TEXT, text, tokenizer)
     f.TEXT.MAX_QUERY_LEN = o["MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN"]
     f.TEXT.PAD_TO_MAX = bool(o["MODEL.LANGUAGE_BACKBONE.PAD_MAX"])
     f.FUSION.NUM_LAYERS = 6

@@ -27,6 +27,7 @@ import torch.utils.checkpoint as torch_checkpoint
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
+from .frozen import FrozenModulesMixin
 from .windows import relative_position_index, shift_window_mask, window_partition, window_reverse
 
 __all__ = ["SwinTransformer", "SwinBlock", "SwinState", "WindowAttention", "SWIN_PRESETS", "TextContext", "FusionStep"]
@@ -319,7 +320,7 @@ class SwinState:
 FusionStep = Callable[[int, torch.Tensor], TextContext]
 
 
-class SwinTransformer(nn.Module):
+class SwinTransformer(FrozenModulesMixin, nn.Module):
     """Swin backbone whose blocks listed in ``fused_blocks`` carry image->text cross-attention.
 
     :meth:`forward` runs the whole pyramid and returns the normalised stage outputs; the fusion
@@ -475,17 +476,7 @@ class SwinTransformer(nn.Module):
         if freeze_at >= 1:
             modules.append(self.patch_embed)
         modules += [self.layers[i] for i in range(min(freeze_at - 1, self.num_layers))]
-        self._frozen = modules
-        for m in modules:
-            for p in m.parameters():
-                p.requires_grad_(False)
-        self.train(self.training)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for m in getattr(self, "_frozen", []):
-            m.eval()
-        return self
+        self.freeze_modules(modules)
 
 
 def _init_weights(m):

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as torch_checkpoint
 from torch import nn
 
+from .frozen import FrozenModulesMixin
+
 __all__ = ["TextEncoderConfig", "TextEncoder", "TextLayer", "extended_attention_mask"]
 
 
@@ -196,7 +198,7 @@ class TextLayer(nn.Module):
         return self.output.LayerNorm(y + h1) if last_norm else y + h1
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(FrozenModulesMixin, nn.Module):
     """Embeddings + ``encoder.layer``; layer k gets cross-attention to image tokens of width
     ``image_dims[k]`` (None for a plain layer).
 
@@ -244,16 +246,7 @@ class TextEncoder(nn.Module):
                              f"(embeddings + {self.num_layers} layers)")
         modules = [self.embeddings] if freeze_at >= 1 else []
         modules += [self.encoder.layer[k] for k in range(max(0, freeze_at - 1))]
-        self._frozen = modules
-        for m in modules:
-            m.requires_grad_(False)
-        self.train(self.training)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for m in getattr(self, "_frozen", []):
-            m.eval()
-        return self
+        self.freeze_modules(modules)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embeddings(input_ids)
