@@ -9,6 +9,7 @@ import torch  # noqa: E402
 
 import fiber_det  # noqa: E402,F401  (registers the model)
 from detectron2.config import get_cfg  # noqa: E402
+from detectron2.engine import HookBase  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from fiber_det import add_fiber_config  # noqa: E402
 
@@ -86,6 +87,27 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def no_tf32():
+    """CUDA matmuls and convolutions in full fp32 (TF32 off) for the test, restored after it
+    (``pytestmark = pytest.mark.usefixtures("no_tf32")``): CPU-vs-CUDA comparisons at fp32 tolerances."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+class Crash(HookBase):
+    """A hook that raises after step ``at``, standing in for a killed run."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def after_step(self):
+        if self.trainer.iter == self.at:
+            raise RuntimeError("simulated crash")
 
 
 def load_tool(name: str):

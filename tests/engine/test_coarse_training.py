@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from coarse_inputs import TINY_COARSE, coarse_cfg, coarse_model, pair_inputs
-from conftest import load_tool
+from conftest import Crash, load_tool
 from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
 from fiber_det.data.datasets import synthetic_captions
@@ -46,15 +46,6 @@ class Record(HookBase):
     def after_step(self):
         w = self.trainer.model.backbone.vision.patch_embed.proj.weight
         self.weights[self.trainer.iter] = w.detach().clone()
-
-
-class Crash(HookBase):
-    def __init__(self, at):
-        self.at = at
-
-    def after_step(self):
-        if self.trainer.iter == self.at:
-            raise RuntimeError("simulated crash")
 
 
 def train(cfg, resume=False, crash_at=None):

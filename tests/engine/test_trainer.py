@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import tiny_cfg
+from conftest import Crash, tiny_cfg
 from detectron2.engine import HookBase
 from fiber_det.data.datasets.synthetic import default_root, generate_synthetic, register_synthetic
 from fiber_det.engine.trainer import FiberTrainer, resolve_schedule
@@ -35,15 +35,6 @@ class RecordLR(HookBase):
 
     def before_step(self):
         self.log[self.trainer.iter] = self.trainer.optimizer.param_groups[0]["lr"]
-
-
-class Crash(HookBase):
-    def __init__(self, at):
-        self.at = at
-
-    def after_step(self):
-        if self.trainer.iter == self.at:
-            raise RuntimeError("simulated crash")
 
 
 def train(cfg, resume, extra_hooks=()):
